@@ -1,0 +1,123 @@
+"""Searchers (Optuna samplers behind Ray Tune's OptunaSearch) and trial schedulers.
+
+Each registry entry is a small frozen record; unknown names fail listing the
+available ones (a name timm-style factories would silently map to None).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    TrialScheduler,
+)
+from ray.tune.search.optuna import OptunaSearch
+
+from spaces import SweepError
+
+__all__ = ["SEARCHERS", "SCHEDULERS", "PruneAwareOptunaSearch", "build_searcher", "build_scheduler", "ran_to_completion"]
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN = "unknown {what} {name!r}; available: {available}"
+
+
+@dataclass(frozen=True)
+class SearcherSpec:
+    name: str
+    description: str
+    make_sampler: Callable[[Optional[int]], optuna.samplers.BaseSampler]
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str
+    description: str
+    make: Callable[[int, int], TrialScheduler]  # (max_t, grace_period) -> scheduler
+
+
+SEARCHERS: dict[str, SearcherSpec] = {
+    s.name: s
+    for s in (
+        SearcherSpec("tpe", "Optuna TPE (Bergstra et al. 2011), multivariate", lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)),
+        SearcherSpec("random", "Optuna random sampling", lambda seed: optuna.samplers.RandomSampler(seed=seed)),
+        SearcherSpec("cmaes", "Optuna CMA-ES for numeric keys; categorical keys sampled at random", lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)),
+    )
+}
+
+SCHEDULERS: dict[str, SchedulerSpec] = {
+    s.name: s
+    for s in (
+        SchedulerSpec("asha", "ASHA early stopping (Li et al. 2018, arXiv:1810.05934)", lambda max_t, grace: ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace, reduction_factor=3)),
+        SchedulerSpec("hyperband", "HyperBand (Li et al. 2016, arXiv:1603.06560)", lambda max_t, grace: HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=3)),
+        SchedulerSpec("median", "median stopping rule (Golovin et al. 2017)", lambda max_t, grace: MedianStoppingRule(time_attr="training_iteration", grace_period=grace, min_samples_required=3)),
+        SchedulerSpec("fifo", "no early stopping: every trial runs its full schedule", lambda max_t, grace: FIFOScheduler()),
+    )
+}
+
+
+def _known(what: str, registry: dict[str, Any], name: str) -> Any:
+    if name not in registry:
+        raise SweepError(UNKNOWN.format(what=what, name=name, available=", ".join(registry)))
+    return registry[name]
+
+
+def check_names(searcher: str, scheduler: str) -> None:
+    _known("searcher", SEARCHERS, searcher)
+    _known("scheduler", SCHEDULERS, scheduler)
+
+
+def ran_to_completion(result: Optional[dict[str, Any]]) -> bool:
+    """Whether a trial's last result is its final epoch (not cut short by a scheduler)."""
+    return bool(result) and result.get("epoch", 0) >= result.get("epochs", math.inf)
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials a scheduler stopped.
+
+    Ray's OptunaSearch reports a trial stopped early by ASHA as COMPLETE with its
+    short-budget score, so TPE models a 3-epoch score as a final one. Here such a
+    trial is told as PRUNED (its per-epoch values were already reported as
+    intermediate values), and a trial whose metric is not finite as FAIL.
+
+    Example::
+
+        searcher = PruneAwareOptunaSearch(space=define_by_run(space, base),
+                                          metric="val/top1", mode="max",
+                                          sampler=optuna.samplers.TPESampler(seed=0))
+    """
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        value = (result or {}).get(self.metric)
+        if error or value is None or not math.isfinite(value):
+            state, value = TrialState.FAIL, None
+        elif ran_to_completion(result):
+            state = TrialState.COMPLETE
+        else:
+            state, value = TrialState.PRUNED, None
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        self._completed_trials.add(trial_id)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+
+def build_searcher(name: str, space_fn: Callable, metric: str, mode: str, seed: Optional[int]) -> PruneAwareOptunaSearch:
+    spec = _known("searcher", SEARCHERS, name)
+    return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=spec.make_sampler(seed))
+
+
+def build_scheduler(name: str, max_t: int, grace_period: int) -> TrialScheduler:
+    return _known("scheduler", SCHEDULERS, name).make(max_t, grace_period)

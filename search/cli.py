@@ -1,0 +1,263 @@
+"""``recipe-search``: a thin CLI over the library. It parses and prints; errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from spaces import (
+    RECIPE_PRESETS,
+    RecipeSearchError,
+    Space,
+    SPACES_DIR,
+    load_recipe,
+    load_space,
+    parse_overrides,
+    recipe_names,
+    recipe_to_yaml,
+    resolve_recipe,
+    space_names,
+)
+
+app = typer.Typer(
+    name="recipe-search",
+    help="Search training recipes of vision models with Ray Train, Ray Tune + Optuna, and MLflow.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+)
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _overrides(sets: list[str], data: Optional[str], **runtime: Any) -> dict[str, Any]:
+    overrides = parse_overrides(sets or [])
+    if data:
+        overrides["data.name"] = data
+    for key, value in runtime.items():
+        if value is not None:
+            overrides[f"runtime.{key}"] = value
+    return overrides
+
+
+SetOption = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="override a recipe key, e.g. optim.lr=0.01 (repeatable)")
+DataOption = typer.Option(None, "--data", help="'digits' or an ImageFolder root with train/ and val/")
+StorageOption = typer.Option("runs", "--storage", help="root folder of sweeps (a shared path on a cluster)")
+TrackingOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
+AddressOption = typer.Option(None, "--address", help="Ray cluster to join [default: $RAY_ADDRESS or a local Ray]")
+
+
+def _launch(spec, json_out: bool = False) -> None:
+    from search.sweep import BEST_RECIPE_FILE, plan_sweep, run_sweep
+    from search.tracking import resolve_tracking_uri
+
+    plan = plan_sweep(spec)
+    started = time.time()
+    state = run_sweep(plan)
+    best = state.get("best")
+    minutes = (time.time() - started) / 60
+    counts = _counts(state)
+    print(f"\nsweep {plan.name} done in {minutes:.1f} min: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n))
+    if best:
+        print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
+        print(recipe_to_yaml(_recipe(best["recipe"])).rstrip())
+        print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
+    else:
+        print("no trial produced a result")
+    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {resolve_tracking_uri(spec.tracking_uri)}")
+
+
+def _counts(state: dict[str, Any]) -> dict[str, int]:
+    from search.monitor import count_states
+
+    return count_states(state)
+
+
+def _recipe(data: dict[str, Any]):
+    from spaces import Recipe
+
+    return Recipe.model_validate(data)
+
+
+@app.command()
+def sweep(
+    space: str = typer.Argument("rsb", help=f"a space preset ({', '.join(space_names())}) or a YAML file"),
+    name: Optional[str] = typer.Option(None, "--name", help="sweep name (MLflow experiment) [default: SPACE-TIME]"),
+    trials: int = typer.Option(12, "--trials", help="number of trials"),
+    searcher: str = typer.Option("tpe", "--searcher", help="tpe, random or cmaes (Optuna samplers)"),
+    scheduler: str = typer.Option("asha", "--scheduler", help="asha, hyperband, median or fifo"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="max trials at once [default: what the cluster fits]"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers per trial (DDP when > 1)"),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="base recipe instead of the space's (preset or YAML)"),
+    data: Optional[str] = DataOption,
+    sets: list[str] = SetOption,
+    storage: str = StorageOption,
+    tracking_uri: Optional[str] = TrackingOption,
+    address: Optional[str] = AddressOption,
+    seed: int = typer.Option(0, "--seed", help="seed of the searcher"),
+    grace_period: int = typer.Option(3, "--grace-period", help="epochs every trial gets before early stopping"),
+) -> None:
+    """Search a recipe space: Optuna proposes, ASHA stops weak trials early, MLflow records every trial."""
+    from search.sweep import SweepSpec
+
+    overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    spec = SweepSpec(
+        space=space, name=name, recipe=recipe, overrides=overrides, trials=trials, searcher=searcher,
+        scheduler=scheduler, grace_period=grace_period, concurrency=concurrency, storage=storage,
+        tracking_uri=tracking_uri, address=address, seed=seed,
+    )
+    _launch(spec)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="a recipe preset or YAML file (e.g. one written by 'best -o')"),
+    name: Optional[str] = typer.Option(None, "--name", help="run name [default: train-RECIPE-TIME]"),
+    data: Optional[str] = DataOption,
+    sets: list[str] = SetOption,
+    workers: Optional[int] = typer.Option(None, "--workers"),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    storage: str = StorageOption,
+    tracking_uri: Optional[str] = TrackingOption,
+    address: Optional[str] = AddressOption,
+) -> None:
+    """Train one recipe, no search; tracked in MLflow like a sweep."""
+    from search.sweep import SweepSpec
+
+    overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    load_recipe(recipe)  # fail on an unknown recipe before anything else
+    stem = os.path.splitext(os.path.basename(recipe))[0]
+    space = Space(name=f"train-{stem}", recipe=recipe, params={})
+    spec = SweepSpec(
+        space=space, name=name or f"train-{stem}-{time.strftime('%Y%m%d-%H%M%S')}", overrides=overrides, trials=1,
+        searcher=None, scheduler="fifo", storage=storage, tracking_uri=tracking_uri, address=address,
+    )
+    _launch(spec)
+
+
+@app.command()
+def status(
+    sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
+    storage: str = StorageOption,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Trials by state and the best so far (also while the sweep runs)."""
+    from search.results import find_sweep, sweep_status, trial_rows
+
+    sweep_dir = find_sweep(sweep_name, storage)
+    info = sweep_status(sweep_dir)
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"sweep {info['name']} ({info['path']}): " + ", ".join(f"{n} {s.lower()}" for s, n in info["trials"].items()))
+    for row in trial_rows(sweep_dir):
+        metric = [k for k in row if k not in ("trial_id", "status", "epoch", "error")][0]
+        value = row[metric]
+        shown = f"{metric}={value:.4f}" if isinstance(value, float) else ""
+        print(f"  {row['trial_id']}  {row['status']:<28} epoch {row['epoch']:<7} {shown} {row['error'] or ''}".rstrip())
+    best = info["best"]
+    if best:
+        print(f"best: trial {best['trial_id']} {best['metric']}={best['value']:.4f}")
+
+
+@app.command()
+def best(
+    sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
+    storage: str = StorageOption,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="write the best recipe to this YAML file"),
+) -> None:
+    """The best trial's recipe (reusable with 'train' or '--recipe')."""
+    from search.results import find_sweep, sweep_best
+
+    sweep_dir = find_sweep(sweep_name, storage)
+    info = sweep_best(sweep_dir)
+    if info is None:
+        _fail(f"sweep {sweep_dir!r} has no finished trial with a result yet")
+    text = recipe_to_yaml(_recipe(info["recipe"]))
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"# best trial {info['trial_id']}: {info['metric']}={info['value']:.4f} (MLflow run {info['mlflow_run_id']})")
+    print(text.rstrip())
+    if output:
+        print(f"# written to {output}")
+
+
+@app.command()
+def recipes(
+    name: Optional[str] = typer.Argument(None, help="a preset name or YAML file: print it resolved"),
+    as_json: bool = typer.Option(False, "--json", help="print nested JSON"),
+    sets: list[str] = SetOption,
+) -> None:
+    """List recipe presets, or print one resolved."""
+    if name is None:
+        if as_json:
+            print(json.dumps({n: RECIPE_PRESETS[n][2] for n in recipe_names()}, indent=1))
+            return
+        for preset in recipe_names():
+            base, _, description = RECIPE_PRESETS[preset]
+            print(f"{preset:<12} {description}" + (f" [base: {base}]" if base else ""))
+        return
+    recipe = resolve_recipe(name, parse_overrides(sets or []))
+    if as_json:
+        print(recipe.model_dump_json(indent=1))
+    else:
+        print(recipe_to_yaml(recipe).rstrip())
+
+
+@app.command(name="spaces")
+def spaces_(name: Optional[str] = typer.Argument(None, help="a space preset name or YAML file: print it")) -> None:
+    """List search-space presets, or print one."""
+    if name is None:
+        for preset in space_names():
+            space = load_space(preset)
+            print(f"{preset:<8} on {space.recipe}: {space.description}")
+        return
+    space = load_space(name)
+    space.check()
+    path = SPACES_DIR / f"{name}.yaml"
+    print(path.read_text().rstrip() if path.is_file() else yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+@app.command()
+def ui(
+    tracking_uri: Optional[str] = TrackingOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address (127.0.0.1: this machine only)"),
+    port: int = typer.Option(5000, "--port"),
+) -> None:
+    """Open the MLflow UI on the tracking store."""
+    from search.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    print(f"MLflow UI for {uri} on http://{host}:{port}", flush=True)
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except RecipeSearchError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

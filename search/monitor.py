@@ -1,0 +1,177 @@
+"""The sweep's own record and terminal view.
+
+``SweepMonitor`` is a Tune callback on the driver. It keeps ``state.json`` in the
+sweep directory (trial states, last metrics, the best trial with its resolved
+recipe), which ``status`` and ``best`` read, also while the sweep runs; and it
+prints one line per trial state change instead of Ray's wall of logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, TextIO
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from spaces import Recipe
+
+from search.algorithms import ran_to_completion
+from search.tracking import trial_error
+
+__all__ = ["STATE_FILE", "SweepMonitor", "read_state", "better"]
+
+STATE_FILE = "state.json"
+
+
+def better(value: float, than: Optional[float], mode: str) -> bool:
+    return than is None or (value > than if mode == "max" else value < than)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def read_state(sweep_dir: str) -> Optional[dict[str, Any]]:
+    path = os.path.join(sweep_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class SweepMonitor(Callback):
+    """Records every trial in ``state.json`` and prints compact progress.
+
+    Args:
+        sweep_dir: where ``state.json`` goes.
+        name, num_samples, metric, mode: the sweep's identity and objective.
+        recipe_of: the resolved recipe of a trial.
+        run_id_of: the MLflow run id of a trial id (None when not tracked).
+        out: where progress lines go (stdout by default).
+    """
+
+    def __init__(
+        self,
+        sweep_dir: str,
+        name: str,
+        num_samples: int,
+        metric: str,
+        mode: str,
+        recipe_of: Callable[[Trial], Recipe],
+        run_id_of: Callable[[str], Optional[str]],
+        out: Optional[TextIO] = None,
+    ) -> None:
+        self.sweep_dir = sweep_dir
+        self.metric = metric
+        self.mode = mode
+        self.recipe_of = recipe_of
+        self.run_id_of = run_id_of
+        self.out = out or sys.stdout
+        self.started = time.time()
+        previous = read_state(sweep_dir) or {}
+        self.state: dict[str, Any] = {
+            "name": name,
+            "path": sweep_dir,
+            "num_samples": num_samples,
+            "metric": metric,
+            "mode": mode,
+            "finished": False,
+            "trials": previous.get("trials", {}),
+            "best": previous.get("best"),
+        }
+
+    def _print(self, text: str) -> None:
+        elapsed = time.time() - self.started
+        print(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {text}", file=self.out, flush=True)
+
+    def _save(self) -> None:
+        path = os.path.join(self.sweep_dir, STATE_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+    def _record(self, trial: Trial) -> dict[str, Any]:
+        return self.state["trials"].setdefault(trial.trial_id, {"config": dict(trial.config), "status": "PENDING"})
+
+    def _ordinal(self, trial: Trial) -> str:
+        index = list(self.state["trials"]).index(trial.trial_id) + 1
+        return f"{index}/{self.state['num_samples']}"
+
+    def setup(self, **info: Any) -> None:
+        self._save()
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        record = self._record(trial)
+        resumed = record["status"] != "PENDING"
+        record["status"] = "RUNNING"
+        self._save()
+        sampled = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        self._print(f"trial {self._ordinal(trial)} {trial.trial_id} {'resumed' if resumed else 'started'}: {sampled or '(base recipe)'}")
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        record = self._record(trial)
+        record["epoch"] = result.get("epoch")
+        record["epochs"] = result.get("epochs")
+        record["metrics"] = {k: v for k, v in result.items() if ("/" in k or k in ("lr", "epoch")) and isinstance(v, (int, float))}
+        self._save()
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        record = self._record(trial)
+        record["status"] = "TERMINATED"
+        result = trial.last_result or {}
+        complete = ran_to_completion(result)
+        record["stopped_early"] = not complete
+        value = result.get(self.metric)
+        line = f"trial {self._ordinal(trial)} {trial.trial_id} "
+        line += f"finished {result.get('epoch')} epochs" if complete else f"stopped early at epoch {result.get('epoch')}/{result.get('epochs')}"
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            line += f": {self.metric}={value:.4f}"
+            best = self.state["best"]
+            if better(value, best["value"] if best else None, self.mode):
+                recipe = self.recipe_of(trial)
+                self.state["best"] = {
+                    "trial_id": trial.trial_id,
+                    "metric": self.metric,
+                    "mode": self.mode,
+                    "value": value,
+                    "epoch": result.get("epoch"),
+                    "mlflow_run_id": self.run_id_of(trial.trial_id),
+                    "recipe": recipe.model_dump(mode="json"),
+                }
+                line += " (best so far)"
+        self._save()
+        self._print(line)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        record = self._record(trial)
+        record["status"] = "ERROR"
+        record["error"] = trial_error(trial)
+        self._save()
+        self._print(f"trial {self._ordinal(trial)} {trial.trial_id} failed: {record['error']}")
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self.state["finished"] = True
+        self._save()
+
+    def mark_interrupted(self) -> None:
+        for record in self.state["trials"].values():
+            if record["status"] == "RUNNING":
+                record["status"] = "PENDING"
+        self._save()
+
+
+def count_states(state: dict[str, Any]) -> dict[str, int]:
+    """Trials by state; those not yet created count as PENDING."""
+    counts = {"TERMINATED": 0, "ERROR": 0, "RUNNING": 0, "PENDING": 0}
+    for record in state["trials"].values():
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    counts["PENDING"] += max(0, state["num_samples"] - sum(counts.values()))
+    return counts

@@ -1,0 +1,347 @@
+"""Assemble and run a sweep: validate everything, start or join Ray, build the Tuner, fit.
+
+``plan_sweep`` does every check that can fail on user input before anything is
+started or written; ``run_sweep`` then joins Ray, fits the Tuner and returns
+the sweep's recorded state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from spaces import (
+    DataError,
+    Recipe,
+    Space,
+    SweepError,
+    check_keys,
+    define_by_run,
+    load_space,
+    recipe_to_yaml,
+    resolve_recipe,
+)
+
+__all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "run_sweep", "init_ray", "SPEC_FILE", "BEST_RECIPE_FILE", "LOG_FILE"]
+
+SPEC_FILE = "sweep.json"
+BEST_RECIPE_FILE = "best_recipe.yaml"
+LOG_FILE = "ray.log"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+logger = logging.getLogger("recipe_search")
+
+
+@dataclass
+class SweepSpec:
+    """Everything a sweep is launched with (the CLI's flags)."""
+
+    space: str | Space = "rsb"
+    name: Optional[str] = None
+    recipe: Optional[str] = None  # base recipe; defaults to the space's
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set and resource flags, dotted keys
+    trials: int = 12
+    searcher: Optional[str] = "tpe"  # None: no searcher (a single ``train`` run)
+    scheduler: str = "asha"
+    grace_period: int = 3
+    concurrency: Optional[int] = None
+    storage: str = "runs"
+    tracking_uri: Optional[str] = None
+    address: Optional[str] = None
+    seed: int = 0
+    max_failures: int = 2
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if isinstance(self.space, Space):
+            data["space"] = self.space.model_dump(mode="json")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SweepSpec":
+        data = dict(data)
+        if isinstance(data.get("space"), dict):
+            data["space"] = Space.model_validate(data["space"])
+        return cls(**data)
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep, ready to start."""
+
+    spec: SweepSpec
+    space: Space
+    name: str
+    sweep_dir: str
+    storage_root: str
+    base: dict[str, Any]
+    overrides: dict[str, Any]
+    recipe: Recipe  # the base recipe with overrides: resources, data, epochs
+    max_epochs: int
+    tracking_uri: str
+
+
+def _check_storage(root: Path) -> None:
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SweepError(f"storage path {str(root)!r} cannot be written (nearest existing folder: {str(probe)!r})")
+
+
+def _check_address(address: str) -> None:
+    """Fail within seconds when a Ray address does not answer (``ray.init`` would retry for long)."""
+    host_port = address.removeprefix("ray://")
+    if address in ("auto", "local") or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise SweepError(f"Ray address {address!r} does not answer: {err}") from None
+
+
+def _max_epochs(space: Space, recipe: Recipe) -> int:
+    param = space.params.get("schedule.epochs")
+    if param is None:
+        return recipe.schedule.epochs
+    return int(max(param.edge_values()))
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Validate a sweep without side effects; raise a ``RecipeSearchError`` naming what is wrong."""
+    from search.algorithms import check_names
+    from search.tracking import check_tracking_uri, resolve_tracking_uri
+    from trainables.data import EMBEDDED_DATASETS, check_image_folder
+
+    if spec.trials < 1:
+        raise SweepError(f"--trials must be at least 1, but got {spec.trials}")
+    if spec.concurrency is not None and spec.concurrency < 1:
+        raise SweepError(f"--concurrency must be at least 1, but got {spec.concurrency}")
+    if spec.grace_period < 1:
+        raise SweepError(f"grace period must be at least 1 epoch, but got {spec.grace_period}")
+    if spec.searcher is not None:
+        check_names(spec.searcher, spec.scheduler)
+    else:
+        check_names("tpe", spec.scheduler)
+    space = spec.space if isinstance(spec.space, Space) else load_space(spec.space)
+    if spec.recipe:
+        space = space.model_copy(update={"recipe": spec.recipe})
+    check_keys(spec.overrides)
+    base = space.base_recipe()
+    recipe = space.check(spec.overrides)
+    if recipe.data.name not in EMBEDDED_DATASETS:
+        try:
+            check_image_folder(recipe.data.name)
+        except DataError as err:
+            raise DataError(f"{err} (set with --data or --set data.name=...)") from None
+        # Workers may run on other nodes: they need the same path there (shared storage).
+        recipe.data.name = os.path.abspath(recipe.data.name)
+    name = spec.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not _NAME.match(name):
+        raise SweepError(f"--name must be letters, digits, '.', '_' or '-' (at most 128), but got {name!r}")
+    storage_root = Path(spec.storage).expanduser().absolute()
+    _check_storage(storage_root)
+    sweep_dir = storage_root / name
+    if (sweep_dir / SPEC_FILE).exists():
+        raise SweepError(f"sweep {name!r} already exists in {str(storage_root)!r}: resume it (recipe-search resume {name}) or pick another --name")
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_address(address)
+    overrides = dict(spec.overrides)
+    if recipe.data.name not in EMBEDDED_DATASETS:
+        overrides["data.name"] = recipe.data.name
+    return SweepPlan(
+        spec=spec,
+        space=space,
+        name=name,
+        sweep_dir=str(sweep_dir),
+        storage_root=str(storage_root),
+        base=base,
+        overrides=overrides,
+        recipe=recipe,
+        max_epochs=_max_epochs(space, recipe),
+        tracking_uri=tracking_uri,
+    )
+
+
+def _route_ray_logs(sweep_dir: str) -> None:
+    """Ray's and Tune's log records go to ``ray.log`` in the sweep directory, not the terminal."""
+    handler = logging.FileHandler(os.path.join(sweep_dir, LOG_FILE))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna", "mlflow", "alembic"):
+        log = logging.getLogger(name)
+        for old in list(log.handlers):
+            log.removeHandler(old)
+        log.addHandler(handler)
+        log.propagate = False
+    import optuna
+
+    optuna.logging.disable_default_handler()
+
+
+def init_ray(address: Optional[str] = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray with its dashboard on 127.0.0.1.
+
+    Train V2 releases a trial's placement group through the state API, which
+    needs the dashboard: without it the second trial waits forever for workers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    import search
+    import spaces
+    import trainables
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        # Nodes of a remote cluster may not have this project installed: ship it.
+        modules = [os.path.dirname(m.__file__) for m in (spaces, trainables, search)]
+        ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": modules}, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _fit_concurrency(plan: SweepPlan) -> int:
+    import ray
+
+    runtime = plan.recipe.runtime
+    cluster = ray.cluster_resources()
+    need_cpu = runtime.workers * runtime.cpus_per_worker
+    need_gpu = runtime.workers * runtime.gpus_per_worker
+    fits = [math.floor(cluster.get("CPU", 0) / need_cpu)]
+    if need_gpu:
+        fits.append(math.floor(cluster.get("GPU", 0) / need_gpu))
+    fit = min(fits)
+    if fit < 1:
+        raise SweepError(
+            f"a trial needs {runtime.workers} worker(s) x {runtime.cpus_per_worker:g} CPU"
+            + (f" + {runtime.gpus_per_worker:g} GPU" if runtime.gpus_per_worker else "")
+            + f", but the Ray cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU "
+            "(lower --workers / --cpus-per-worker / --gpus-per-worker, or join a larger cluster with --address)"
+        )
+    return min(fit, plan.spec.concurrency or fit, plan.spec.trials)
+
+
+def _recipe_of(plan: SweepPlan):
+    def recipe_of(trial) -> Recipe:
+        return resolve_recipe(plan.base, trial.config, plan.overrides)
+
+    return recipe_of
+
+
+def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
+    """The Ray Tune ``Tuner`` of a plan (fresh, or restored from its directory)."""
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig
+
+    from search.algorithms import build_scheduler, build_searcher
+    from search.trial import run_trial, trial_resources
+
+    spec = plan.spec
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=plan.base,
+            overrides=plan.overrides,
+            train_storage=os.path.join(plan.sweep_dir, "train"),
+            max_failures=spec.max_failures,
+        ),
+        trial_resources(plan.recipe),
+    )
+    if restore:
+        return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    searcher = None
+    if spec.searcher is not None:
+        searcher = build_searcher(spec.searcher, define_by_run(plan.space, {**plan.base, **plan.overrides}), plan.space.metric, plan.space.mode, spec.seed)
+    tune_config = tune.TuneConfig(
+        metric=plan.space.metric,
+        mode=plan.space.mode,
+        search_alg=searcher,
+        scheduler=build_scheduler(spec.scheduler, plan.max_epochs, spec.grace_period),
+        num_samples=spec.trials,
+        max_concurrent_trials=_fit_concurrency(plan),
+        reuse_actors=True,
+    )
+    run_config = tune.RunConfig(
+        name=plan.name,
+        storage_path=plan.storage_root,
+        callbacks=callbacks,
+        verbose=0,
+        log_to_file=True,
+        checkpoint_config=CheckpointConfig(num_to_keep=1),
+        failure_config=FailureConfig(max_failures=spec.max_failures),
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def run_sweep(plan: SweepPlan, out=None) -> dict[str, Any]:
+    """Start Ray (or join it), run the sweep to its end, and return its recorded state."""
+    import sys
+
+    from search.monitor import SweepMonitor, read_state
+    from search.tracking import MlflowTracking
+
+    out = out or sys.stdout
+    os.makedirs(plan.sweep_dir, exist_ok=True)
+    with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
+        json.dump({**plan.spec.to_json(), "name": plan.name}, f, indent=1)
+    _route_ray_logs(plan.sweep_dir)
+    init_ray(plan.spec.address)
+    recipe_of = _recipe_of(plan)
+    tracker = MlflowTracking(
+        tracking_uri=plan.tracking_uri,
+        sweep_name=plan.name,
+        sweep_dir=plan.sweep_dir,
+        sweep_params={
+            "space": plan.space.name,
+            "recipe": plan.space.recipe,
+            "searcher": plan.spec.searcher or "none",
+            "scheduler": plan.spec.scheduler,
+            "trials": plan.spec.trials,
+            "max_epochs": plan.max_epochs,
+            "seed": plan.spec.seed,
+            "overrides": json.dumps(plan.overrides, sort_keys=True),
+        },
+        recipe_name=plan.space.recipe,
+        recipe_of=recipe_of,
+        metric=plan.space.metric,
+        mode=plan.space.mode,
+    )
+    monitor = SweepMonitor(
+        plan.sweep_dir,
+        plan.name,
+        plan.spec.trials,
+        plan.space.metric,
+        plan.space.mode,
+        recipe_of=recipe_of,
+        run_id_of=lambda trial_id: tracker.run_ids.get(trial_id),
+        out=out,
+    )
+    print(f"sweep {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)
+    print(f"  directory {plan.sweep_dir} (Ray logs: {os.path.join(plan.sweep_dir, LOG_FILE)})", file=out, flush=True)
+    tuner = build_tuner(plan, [tracker, monitor])
+    # Tune prints its banners whatever the verbosity: they go to the log with the rest.
+    with open(os.path.join(plan.sweep_dir, LOG_FILE), "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        tuner.fit()
+    state = read_state(plan.sweep_dir) or {}
+    best = state.get("best")
+    if best:
+        recipe = Recipe.model_validate(best["recipe"])
+        best_path = os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)
+        with open(best_path, "w") as f:
+            f.write(recipe_to_yaml(recipe))
+        tracker.client.log_artifact(tracker.parent_run_id, best_path)
+    return state

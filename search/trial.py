@@ -1,0 +1,71 @@
+"""The Tune trial function: resolve the trial's recipe, then train it.
+
+One worker: the loop runs right inside the Tune trial on the trial's own
+resources (no worker group to start). Several workers: the trial launches a Ray
+Train ``TorchTrainer`` and holds no resources itself, so its workers get them
+all; ``TuneReportCallback`` forwards the workers' reports to Tune.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spaces import Recipe, resolve_recipe
+
+__all__ = ["run_trial", "trial_resources", "uses_ray_train"]
+
+
+def uses_ray_train(recipe: Recipe) -> bool:
+    return recipe.runtime.workers > 1
+
+
+def trial_resources(recipe: Recipe) -> dict[str, float]:
+    """What the Tune trial itself reserves."""
+    if uses_ray_train(recipe):
+        return {"CPU": 0}  # the TorchTrainer's workers reserve their own
+    return {"CPU": recipe.runtime.cpus_per_worker, "GPU": recipe.runtime.gpus_per_worker}
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    from trainables import TrainSession, train_classifier
+
+    train_classifier(config["recipe"], TrainSession())
+
+
+def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_failures: int) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    runtime = recipe.runtime
+    resources = {"CPU": runtime.cpus_per_worker}
+    if runtime.gpus_per_worker:
+        resources["GPU"] = runtime.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"recipe": recipe.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=runtime.workers, use_gpu=runtime.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], overrides: dict[str, Any], train_storage: str, max_failures: int) -> None:
+    """Tune function trainable: ``config`` holds the sampled dotted keys."""
+    from ray import tune
+
+    recipe = resolve_recipe(base, config, overrides)
+    if uses_ray_train(recipe):
+        trial_id = tune.get_context().get_trial_id()
+        _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures)
+    else:
+        from trainables import TuneSession, train_classifier
+
+        train_classifier(recipe, TuneSession())

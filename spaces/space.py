@@ -1,0 +1,227 @@
+"""Search spaces over dotted recipe keys, and their Optuna define-by-run form.
+
+A space names a base recipe, the metric to optimize, and parameters::
+
+    name: rsb
+    recipe: rsb-digits
+    metric: val/top1
+    mode: max
+    params:
+      optim.name: {choice: [lamb, adamw, sgd]}
+      optim.lr: {loguniform: [1.0e-4, 3.0e-2]}
+      optim.momentum: {uniform: [0.8, 0.99], when: {optim.name: sgd}}
+      data.rand_augment: {int: [1, 9], format: "rand-m{}-mstd0.5-inc1"}
+
+``when`` samples a key only when earlier keys (or the base recipe) have one of
+the given values; ``format`` turns a sampled number into the recipe value.
+The define-by-run function needs only the ``suggest_*`` methods of an
+``optuna.Trial``, so this module does not import Optuna.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from spaces.errors import RecipeError, SpaceError
+from spaces.recipes import load_recipe
+from spaces.recipe import apply_overrides, known_keys, validate_recipe, Recipe
+
+__all__ = ["Param", "Space", "SPACES_DIR", "space_names", "load_space", "define_by_run"]
+
+SPACES_DIR = Path(__file__).parent / "presets"
+_KINDS = ("uniform", "loguniform", "int", "choice")
+
+
+class Param(BaseModel):
+    """One searched key: a distribution, and optionally a condition and a format."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["uniform", "loguniform", "int", "choice"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    choices: Optional[list[Any]] = None
+    log: bool = False
+    when: dict[str, list[Any]] = Field(default_factory=dict)
+    format: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        """Accept ``{loguniform: [lo, hi]}`` as well as the explicit fields."""
+        if not isinstance(data, dict):
+            raise ValueError(f"must be a mapping such as {{uniform: [0, 1]}}, but got {data!r}")
+        data = dict(data)
+        kinds = [k for k in _KINDS if k in data]
+        if len(kinds) > 1:
+            raise ValueError(f"takes one distribution, but got {kinds}")
+        if kinds:
+            kind = kinds[0]
+            values = data.pop(kind)
+            data["kind"] = kind
+            if kind == "choice":
+                data["choices"] = values
+            else:
+                if not isinstance(values, (list, tuple)) or len(values) != 2:
+                    raise ValueError(f"{kind} takes [low, high], but got {values!r}")
+                data["low"], data["high"] = values
+        when = data.get("when") or {}
+        if not isinstance(when, dict):
+            raise ValueError(f"'when' must map keys to values, but got {when!r}")
+        data["when"] = {k: v if isinstance(v, list) else [v] for k, v in when.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Param":
+        if self.kind == "choice":
+            if not self.choices:
+                raise ValueError("choice needs at least one value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.kind} needs low and high")
+        if not self.low < self.high:
+            raise ValueError(f"{self.kind} bounds must have low < high, but got [{self.low}, {self.high}]")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, but got {self.low}")
+        if self.kind == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"int bounds must be whole numbers, but got [{self.low}, {self.high}]")
+        return self
+
+    def render(self, sampled: Any) -> Any:
+        """The recipe value for a sampled value."""
+        return self.format.format(sampled) if self.format is not None else sampled
+
+    def edge_values(self) -> list[Any]:
+        """The values at the space's edges, each checked against the recipe schema."""
+        if self.kind == "choice":
+            return [self.render(c) for c in self.choices]
+        if self.kind == "int":
+            return [self.render(int(self.low)), self.render(int(self.high))]
+        return [self.render(self.low), self.render(self.high)]
+
+    def suggest(self, trial: Any, key: str) -> Any:
+        if self.kind == "choice":
+            return trial.suggest_categorical(key, self.choices)
+        if self.kind == "int":
+            return trial.suggest_int(key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(key, self.low, self.high, log=self.kind == "loguniform" or self.log)
+
+
+class Space(BaseModel):
+    """A named search space around a base recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    recipe: str = Field(min_length=1, description="base recipe: a preset name or a YAML file")
+    metric: str = "val/top1"
+    mode: Literal["max", "min"] = "max"
+    params: dict[str, Param] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys(self) -> "Space":
+        keys = known_keys()
+        for key, param in self.params.items():
+            if key not in keys:
+                raise ValueError(f"params: unknown recipe key {key!r}")
+            for cond in param.when:
+                if cond not in keys:
+                    raise ValueError(f"params.{key}.when: unknown recipe key {cond!r}")
+        return self
+
+    def base_recipe(self, overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The flat base recipe of the space, with overrides applied."""
+        flat = load_recipe(self.recipe)
+        flat.update(overrides or {})
+        return flat
+
+    def check(self, overrides: Optional[dict[str, Any]] = None) -> Recipe:
+        """Validate the base recipe and every edge value of every param against the schema."""
+        flat = self.base_recipe(overrides)
+        recipe = validate_recipe(apply_overrides(Recipe(), flat))
+        for key, param in self.params.items():
+            for value in param.edge_values():
+                try:
+                    validate_recipe(apply_overrides(recipe, {key: value}))
+                except RecipeError as err:
+                    # Only the key's own value is at fault here; cross-field rules
+                    # (e.g. warmup < epochs) are checked per trial.
+                    if key in str(err) and "must be <" not in str(err):
+                        raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {err}") from None
+        return recipe
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def space_names() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def parse_space(data: Any, source: str) -> Space:
+    """Validate space data read from ``source``."""
+    if not isinstance(data, dict):
+        raise SpaceError(f"space {source!r} must be a mapping with name, recipe and params")
+    try:
+        return Space.model_validate(data)
+    except ValidationError as err:
+        raise SpaceError(f"invalid space {source!r}: {_format_error(err)}") from None
+
+
+def load_space(name_or_path: str) -> Space:
+    """A preset space name or a YAML file -> a validated ``Space``."""
+    path = SPACES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        path = Path(name_or_path)
+        if not (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
+            raise SpaceError(f"unknown space {name_or_path!r}; available: {', '.join(space_names())} (or a .yaml file)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpaceError(f"space file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise SpaceError(f"space file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpaceError(f"space file {str(path)!r} cannot be read: {err}") from None
+    return parse_space(data, str(path))
+
+
+class DefineByRun:
+    """An Optuna define-by-run function sampling a space's params in order.
+
+    A class, not a closure, so that a searcher holding it can be pickled when
+    Tune saves the search state. Returns the rendered values of formatted
+    params (they override the raw numbers Optuna recorded), so the trial
+    config holds recipe values only.
+    """
+
+    def __init__(self, space: Space, base: dict[str, Any]) -> None:
+        self.space = space
+        self.base = dict(base)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        rendered: dict[str, Any] = {}
+        for key, param in self.space.params.items():
+            if any(values.get(cond, self.base.get(cond)) not in allowed for cond, allowed in param.when.items()):
+                continue
+            values[key] = param.render(param.suggest(trial, key))
+            if param.format is not None:
+                rendered[key] = values[key]
+        return rendered
+
+
+def define_by_run(space: Space, base: dict[str, Any]) -> Callable[[Any], dict[str, Any]]:
+    """The define-by-run function of ``space`` over the flat base recipe ``base``."""
+    return DefineByRun(space, base)

@@ -1,0 +1,138 @@
+"""Classification datasets: the embedded digits, and ImageFolder roots.
+
+``digits`` is scikit-learn's bundled copy of the UCI handwritten digits (1,797
+real 8x8 images, 10 classes), shipped inside the package: it needs no download.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from spaces import DataError
+from spaces.recipe import DataConfig
+
+__all__ = ["EMBEDDED_DATASETS", "Datasets", "build_datasets", "stratified_subset", "check_image_folder"]
+
+EMBEDDED_DATASETS = ("digits",)
+DIGITS_VAL_FRACTION = 0.2  # 1,437 train / 360 val, stratified, fixed seed
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageList(Dataset):
+    """In-memory PIL images with labels, transformed on access."""
+
+    def __init__(self, images: Sequence[Image.Image], targets: Sequence[int], transform: Optional[Callable] = None):
+        self.images = list(images)
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.images[index]
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    train_targets: list[int]
+
+
+def stratified_subset(targets: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """Indices of a seeded subset holding ``fraction`` of every class (at least one each)."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        count = max(1, int(round(len(members) * fraction)))
+        keep.extend(rng.choice(members, size=count, replace=False).tolist())
+    return sorted(keep)
+
+
+def _digits(size: int) -> tuple[ImageList, ImageList, int]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # 0..16 grey levels -> 8-bit RGB, upscaled once so augmentations work on real pixels.
+    pixels = (bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    images = [Image.fromarray(p, mode="L").convert("RGB").resize((size, size), Image.BICUBIC) for p in pixels]
+    idx_train, idx_val = train_test_split(
+        np.arange(len(images)), test_size=DIGITS_VAL_FRACTION, stratify=bunch.target, random_state=0
+    )
+    train = ImageList([images[i] for i in idx_train], bunch.target[idx_train])
+    val = ImageList([images[i] for i in idx_val], bunch.target[idx_val])
+    return train, val, 10
+
+
+def check_image_folder(root: str | os.PathLike) -> None:
+    """Fail with a ``DataError`` unless ``root`` has train/ and val/ with non-empty class folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset path {str(root)!r} does not exist (data.name takes 'digits' or an ImageFolder root)")
+    classes = None
+    for split in ("train", "val"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"dataset {str(root)!r} has no {split}/ folder (expected {split}/CLASS/IMAGE)")
+        found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not found:
+            raise DataError(f"dataset {str(split_dir)!r} has no class folders (expected {split}/CLASS/IMAGE)")
+        for name in found:
+            if not any(f.suffix.lower() in _IMAGE_SUFFIXES for f in (split_dir / name).iterdir()):
+                raise DataError(f"class folder {str(split_dir / name)!r} holds no images")
+        if classes is None:
+            classes = found
+        elif found != classes:
+            raise DataError(f"dataset {str(root)!r}: train/ and val/ have different class folders")
+
+
+def _image_folder(root: str) -> tuple[Dataset, Dataset, int]:
+    from torchvision.datasets import ImageFolder
+
+    check_image_folder(root)
+    train = ImageFolder(os.path.join(root, "train"))
+    val = ImageFolder(os.path.join(root, "val"))
+    return train, val, len(train.classes)
+
+
+def _with_transform(dataset: Dataset, transform: Callable) -> Dataset:
+    dataset.transform = transform
+    return dataset
+
+
+def build_datasets(cfg: DataConfig, seed: int, train_transform: Callable, eval_transform: Callable) -> Datasets:
+    """The train and val sets a recipe names, with ``data.fraction`` applied to train."""
+    if cfg.name == "digits":
+        train, val, num_classes = _digits(max(cfg.train_size, cfg.test_size))
+    else:
+        train, val, num_classes = _image_folder(cfg.name)
+    _with_transform(train, train_transform)
+    _with_transform(val, eval_transform)
+    targets = list(train.targets)
+    if cfg.fraction < 1.0:
+        keep = stratified_subset(targets, cfg.fraction, seed)
+        train = Subset(train, keep)
+        targets = [targets[i] for i in keep]
+    return Datasets(train=train, val=val, num_classes=num_classes, train_targets=targets)
+
+
+def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Every ``world_size``-th sample from ``rank``: an evaluation shard with no padding."""
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world_size))
+
