@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -105,6 +106,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
         elif ran_to_completion(result):
             state = TrialState.COMPLETE
         else:
+            # Tune hands a trial's last result to on_trial_complete, not on_trial_result,
+            # when the scheduler stops it there: record it as the value it was pruned at.
+            step = result.get("training_iteration")
+            if step is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Optuna keeps the first value of a step reported twice
+                    self._ot_trials[trial_id].report(value, step)
             state, value = TrialState.PRUNED, None
         self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         self._completed_trials.add(trial_id)
@@ -116,7 +124,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 def build_searcher(name: str, space_fn: Callable, metric: str, mode: str, seed: Optional[int]) -> PruneAwareOptunaSearch:
     spec = _known("searcher", SEARCHERS, name)
-    return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=spec.make_sampler(seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's multivariate/group
+        sampler = spec.make_sampler(seed)
+    return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=sampler)
 
 
 def build_scheduler(name: str, max_t: int, grace_period: int) -> TrialScheduler:

@@ -137,6 +137,10 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     if spec.recipe:
         space = space.model_copy(update={"recipe": spec.recipe})
     check_keys(spec.overrides)
+    clash = sorted(set(spec.overrides) & set(space.params))
+    if clash:
+        # Overrides win over sampled values: the searched dimension would be dead.
+        raise SweepError(f"--set {clash[0]} fixes a key that space {space.name!r} searches; drop one of them")
     base = space.base_recipe()
     recipe = space.check(spec.overrides)
     if recipe.data.name not in EMBEDDED_DATASETS:

@@ -22,7 +22,9 @@ def uses_ray_train(recipe: Recipe) -> bool:
 def trial_resources(recipe: Recipe) -> dict[str, float]:
     """What the Tune trial itself reserves."""
     if uses_ray_train(recipe):
-        return {"CPU": 0}  # the TorchTrainer's workers reserve their own
+        # The TorchTrainer's workers reserve their own CPUs and GPUs. Tune wants a
+        # non-empty bundle: one byte of memory holds nothing the workers need.
+        return {"CPU": 0, "memory": 1}
     return {"CPU": recipe.runtime.cpus_per_worker, "GPU": recipe.runtime.gpus_per_worker}
 
 

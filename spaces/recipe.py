@@ -159,6 +159,9 @@ class ScheduleConfig(_Section):
     warmup_epochs: int = Field(5, ge=0)
     warmup_lr: float = Field(1e-6, ge=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
+    decay_rate: float = Field(0.1, gt=0.0, le=1.0, description="step/multistep: LR factor at each decay")
+    decay_epochs: Optional[float] = Field(None, gt=0.0, description="step: epochs between decays")
+    decay_milestones: Optional[list[int]] = Field(None, description="multistep: epochs at which the LR decays")
 
     @field_validator("name")
     @classmethod
@@ -170,6 +173,14 @@ class ScheduleConfig(_Section):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"schedule.warmup_epochs must be < schedule.epochs ({self.epochs}), but got {self.warmup_epochs}"
+            )
+        if self.name == "multistep" and not self.decay_milestones:
+            raise ValueError("schedule.decay_milestones is required by schedule.name=multistep (e.g. [30, 60, 90])")
+        if self.name == "step" and self.decay_epochs is None:
+            raise ValueError("schedule.decay_epochs is required by schedule.name=step")
+        if self.decay_milestones and (sorted(self.decay_milestones) != self.decay_milestones or not 0 < self.decay_milestones[0] or self.decay_milestones[-1] >= self.epochs):
+            raise ValueError(
+                f"schedule.decay_milestones must increase within (0, {self.epochs}), but got {self.decay_milestones}"
             )
         return self
 

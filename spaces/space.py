@@ -149,10 +149,8 @@ class Space(BaseModel):
                 try:
                     validate_recipe(apply_overrides(recipe, {key: value}))
                 except RecipeError as err:
-                    # Only the key's own value is at fault here; cross-field rules
-                    # (e.g. warmup < epochs) are checked per trial.
-                    if key in str(err) and "must be <" not in str(err):
-                        raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {err}") from None
+                    reason = str(err).removeprefix("invalid recipe: ")
+                    raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {reason}") from None
         return recipe
 
 

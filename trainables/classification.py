@@ -95,6 +95,11 @@ def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     """timm's scheduler factory, stepped every iteration (warmup then decay)."""
     cfg = recipe.schedule
+    decay: dict[str, Any] = {}
+    if cfg.decay_epochs is not None:
+        decay["decay_epochs"] = cfg.decay_epochs
+    if cfg.decay_milestones:
+        decay["decay_milestones"] = list(cfg.decay_milestones)
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.name,
@@ -102,8 +107,10 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_pe
         warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr,
+        decay_rate=cfg.decay_rate,
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
+        **decay,
     )
     if scheduler is None:  # timm returns None for names it does not know
         raise RecipeError(f"schedule.name {cfg.name!r} is not a timm scheduler")
@@ -203,6 +210,30 @@ class _State:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: Optional[ModelEmaV3]
+    sampler: Any
+
+
+def _rng_state(sampler: Any) -> dict[str, Any]:
+    """Every random stream the loop draws from, as tensors and plain data (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    generator = getattr(sampler, "generator", None)
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "sampler": generator.get_state() if generator is not None else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], sampler: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    generator = getattr(sampler, "generator", None)
+    if generator is not None and state.get("sampler") is not None:
+        generator.set_state(state["sampler"])
 
 
 def _save_checkpoint(state: _State, epoch: int, recipe: Recipe, directory: str) -> None:
@@ -214,6 +245,7 @@ def _save_checkpoint(state: _State, epoch: int, recipe: Recipe, directory: str) 
             "ema": state.ema.state_dict() if state.ema is not None else None,
             "epoch": epoch,
             "recipe": recipe.model_dump(mode="json"),
+            "rng": _rng_state(state.sampler),
         },
         os.path.join(directory, CHECKPOINT_FILE),
     )
@@ -231,6 +263,8 @@ def _restore(state: _State, directory: str) -> int:
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.ema is not None and ckpt.get("ema") is not None:
         state.ema.load_state_dict(ckpt["ema"])
+    if ckpt.get("rng") is not None:
+        _set_rng_state(ckpt["rng"], state.sampler)
     return int(ckpt["epoch"])
 
 
@@ -288,7 +322,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
     optimizer = build_optimizer(recipe, model)
     updates_per_epoch = len(train_loader)
     scheduler = build_scheduler(recipe, optimizer, updates_per_epoch)
-    state = _State(model, optimizer, scheduler, ema)
+    state = _State(model, optimizer, scheduler, ema, sampler)
     mixup = build_mixup(recipe, data.num_classes)
     loss_fn = build_loss(recipe, mixup is not None).to(device)
     if runtime.compile:

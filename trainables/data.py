@@ -83,11 +83,12 @@ def check_image_folder(root: str | os.PathLike) -> None:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset path {str(root)!r} does not exist (data.name takes 'digits' or an ImageFolder root)")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"dataset {str(root)!r} has no {split}/ folder (expected {split}/CLASS/IMAGE)")
     classes = None
     for split in ("train", "val"):
         split_dir = root / split
-        if not split_dir.is_dir():
-            raise DataError(f"dataset {str(root)!r} has no {split}/ folder (expected {split}/CLASS/IMAGE)")
         found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
         if not found:
             raise DataError(f"dataset {str(split_dir)!r} has no class folders (expected {split}/CLASS/IMAGE)")

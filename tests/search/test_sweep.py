@@ -1,0 +1,147 @@
+"""End-to-end sweeps on the embedded digits, on the session's one Ray instance."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from search.algorithms import PruneAwareOptunaSearch
+from search.cli import app
+from search.sweep import BEST_RECIPE_FILE, SweepSpec, plan_sweep, run_sweep
+from spaces import known_keys, load_recipe_file, parse_space, validate_recipe, Recipe
+from tests.fast import FAST
+
+pytestmark = pytest.mark.slow
+
+# Random sampler, seed 0, draws bad, good, bad, bad: the good trial sets the bar
+# at ASHA's first rung, and the later bad ones are stopped there.
+GOOD_OR_BAD = {"name": "good-or-bad", "recipe": "rsb-digits", "params": {"optim.lr": {"choice": [0.1, 1.0e-7]}}}
+
+
+def _sweep(workdir, name, trials, epochs, **spec_args):
+    spec = SweepSpec(
+        space=parse_space(GOOD_OR_BAD, "test"),
+        name=name,
+        overrides={**{k: v for k, v in FAST.items() if k != "optim.lr"}, "schedule.epochs": epochs, **spec_args.pop("overrides", {})},
+        trials=trials,
+        searcher="random",
+        scheduler="asha",
+        grace_period=2,  # BN statistics after one short epoch are noise: judge at epoch 2
+        storage=str(workdir / "runs"),
+        seed=0,
+        **spec_args,
+    )
+    plan = plan_sweep(spec)
+    out = io.StringIO()
+    state = run_sweep(plan, out=out)
+    return plan, state, out.getvalue()
+
+
+def _runs(experiment_name):
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def _check_sweep(workdir, plan, state, trials):
+    records = state["trials"]
+    assert len(records) == trials
+    assert all(r["status"] == "TERMINATED" for r in records.values())
+    order = list(records)
+    stopped = [t for t in order if records[t]["stopped_early"]]
+    assert stopped, "ASHA stopped no trial"
+    assert any(not records[t]["stopped_early"] for t in order)
+    # A trial started after one was stopped early, and it ended too (Train V2's placement-group trap).
+    assert order.index(stopped[0]) < len(order) - 1
+
+    # Optuna was told the truth: stopped trials are PRUNED, with their per-epoch values.
+    searcher = PruneAwareOptunaSearch()
+    searcher.restore_from_dir(plan.sweep_dir)
+    study_trials = searcher.study.trials
+    assert len(study_trials) == trials
+    states = [t.state for t in study_trials]
+    assert states.count(TrialState.PRUNED) == len(stopped)
+    assert states.count(TrialState.COMPLETE) == trials - len(stopped)
+    assert all(t.intermediate_values for t in study_trials if t.state == TrialState.PRUNED)
+
+    # MLflow: one parent, one child per trial with the whole recipe, statuses, contiguous epochs.
+    client, parents, children = _runs(plan.name)
+    assert len(parents) == 1 and len(children) == trials
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {"space", "searcher", "scheduler", "trials"} <= set(parent.data.params)
+    assert f"best/{state['metric']}" in parent.data.metrics
+    assert {c.data.tags["recipe_search.trial_id"] for c in children} == set(records)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["recipe_search.sweep"] == plan.name
+        assert set(child.data.params) == set(known_keys())
+        record = records[child.data.tags["recipe_search.trial_id"]]
+        assert child.info.status == ("KILLED" if record["stopped_early"] else "FINISHED")
+        history = client.get_metric_history(child.info.run_id, "val/top1")
+        assert sorted(m.step for m in history) == list(range(1, record["epoch"] + 1))
+        assert "recipe.yaml" in [a.path for a in client.list_artifacts(child.info.run_id)]
+    return records
+
+
+def test_sweep_in_tune_trials_stops_early_tracks_and_exports_best(ray_session, workdir):
+    plan, state, out = _sweep(workdir, "e2e", trials=4, epochs=3, concurrency=1)
+    _check_sweep(workdir, plan, state, trials=4)
+    assert "stopped early" in out and "best so far" in out
+    assert state["best"]["value"] > 0.5
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "e2e", "--storage", str(workdir / "runs"), "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["trials"] == {"TERMINATED": 4, "ERROR": 0, "RUNNING": 0, "PENDING": 0}
+    assert status["num_samples"] == 4 and status["name"] == "e2e" and status["best"]["value"] == state["best"]["value"]
+
+    best_yaml = workdir / "best.yaml"
+    result = runner.invoke(app, ["best", plan.sweep_dir, "-o", str(best_yaml), "--json"])
+    assert result.exit_code == 0, result.output
+    best = json.loads(result.output)
+    assert set(best) == {"trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe"}
+    recipe = validate_recipe(load_recipe_file(best_yaml) and yaml.safe_load(best_yaml.read_text()))
+    assert recipe == Recipe.model_validate(best["recipe"])
+    assert recipe.optim.lr == 0.1  # the good choice won
+    assert (workdir / "runs" / "e2e" / BEST_RECIPE_FILE).exists()
+
+
+def test_sweep_with_ray_train_workers(ray_session, workdir):
+    """Two DDP workers per trial: TorchTrainer inside Tune, trials after an early stop still run."""
+    plan, state, _ = _sweep(workdir, "e2e-ddp", trials=3, epochs=3, overrides={"runtime.workers": 2})
+    records = _check_sweep(workdir, plan, state, trials=3)
+    assert plan.recipe.runtime.workers == 2
+    assert max(r["metrics"]["val/top1"] for r in records.values()) > 0.3
+
+
+def test_train_runs_one_recipe_tracked_like_a_sweep(ray_session, workdir):
+    from spaces import Space
+
+    spec = SweepSpec(
+        space=Space(name="train-rsb-digits", recipe="rsb-digits", params={}),
+        name="one-run",
+        overrides={**FAST, "schedule.epochs": 1},
+        trials=1,
+        searcher=None,
+        scheduler="fifo",
+        storage=str(workdir / "runs"),
+    )
+    state = run_sweep(plan_sweep(spec), out=io.StringIO())
+    assert [r["status"] for r in state["trials"].values()] == ["TERMINATED"]
+    _, parents, children = _runs("one-run")
+    assert len(parents) == 1 and len(children) == 1
+    assert children[0].info.status == "FINISHED"
+    assert children[0].data.params["optim.lr"] == "0.1"

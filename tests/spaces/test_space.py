@@ -1,0 +1,96 @@
+"""Search spaces load, validate against the recipe schema, and sample with conditions."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from spaces import SpaceError, define_by_run, load_space, parse_space, space_names, resolve_recipe
+
+
+@pytest.mark.parametrize("name", space_names())
+def test_every_space_preset_loads_and_checks(name):
+    space = load_space(name)
+    space.check()
+    assert space.params
+
+
+def test_rsb_space_covers_the_paper_knobs():
+    keys = set(load_space("rsb").params)
+    assert {
+        "optim.name", "optim.lr", "optim.momentum", "optim.weight_decay", "schedule.warmup_epochs",
+        "reg.mixup_alpha", "reg.cutmix_alpha", "reg.label_smoothing", "data.rand_augment",
+        "model.drop_path_rate", "data.repeated_aug", "reg.ema_decay", "loss.name",
+    } <= keys
+    assert set(load_space("rsb").params["optim.name"].choices) == {"lamb", "adamw", "sgd"}
+
+
+def _space(params, recipe="rsb-digits"):
+    return parse_space({"name": "t", "recipe": recipe, "params": params}, "test")
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"optim.lr": {"loguniform": [0.1, 0.001]}}, "low < high"),
+        ({"optim.lr": {"loguniform": [0.0, 0.1]}}, "low > 0"),
+        ({"optim.lrr": {"uniform": [0.1, 0.2]}}, "unknown recipe key 'optim.lrr'"),
+        ({"optim.lr": {"uniform": [0.1]}}, "[low, high]"),
+        ({"optim.lr": {"choice": []}}, "at least one"),
+        ({"optim.lr": {"normal": [0, 1]}}, "optim.lr"),
+        ({"optim.momentum": {"uniform": [0.8, 0.9], "when": {"optim.nme": "sgd"}}}, "unknown recipe key 'optim.nme'"),
+    ],
+)
+def test_bad_spaces_fail_naming_the_param(params, message):
+    with pytest.raises(SpaceError) as err:
+        _space(params)
+    assert message in str(err.value)
+
+
+def test_values_outside_the_recipe_schema_are_rejected_at_check():
+    with pytest.raises(SpaceError, match="optim.name.*lamb2"):
+        _space({"optim.name": {"choice": ["lamb", "lamb2"]}}).check()
+    with pytest.raises(SpaceError, match="data.fraction"):
+        _space({"data.fraction": {"uniform": [0.5, 2.0]}}).check()
+
+
+def test_unknown_and_malformed_space_files(tmp_path):
+    with pytest.raises(SpaceError, match="unknown space 'nope'; available: rsb"):
+        load_space("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_space(str(bad))
+
+
+def test_conditions_and_formats_in_define_by_run():
+    space = _space(
+        {
+            "optim.name": {"choice": ["sgd", "adamw"]},
+            "optim.momentum": {"uniform": [0.8, 0.99], "when": {"optim.name": "sgd"}},
+            "data.rand_augment": {"int": [1, 9], "format": "rand-m{}-mstd0.5-inc1"},
+        }
+    )
+    sample = define_by_run(space, space.base_recipe())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        rendered = sample(trial)
+        assert ("optim.momentum" in trial.params) == (trial.params["optim.name"] == "sgd")
+        assert rendered["data.rand_augment"] == f"rand-m{trial.params['data.rand_augment']}-mstd0.5-inc1"
+        config = {**trial.params, **rendered}
+        resolve_recipe(space.recipe, config)  # every sample is a valid recipe
+        seen.add(trial.params["optim.name"])
+        study.tell(trial, 0.5)
+    assert seen == {"sgd", "adamw"}
+
+
+def test_define_by_run_pickles():
+    import pickle
+
+    space = load_space("rsb")
+    fn = pickle.loads(pickle.dumps(define_by_run(space, space.base_recipe())))
+    trial = optuna.create_study().ask()
+    fn(trial)
+    assert "optim.lr" in trial.params

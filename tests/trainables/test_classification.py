@@ -1,0 +1,70 @@
+"""The training loop, run bare: it learns, is reproducible, checkpoints, resumes, and stops on divergence."""
+
+from __future__ import annotations
+
+import pytest
+
+from spaces import TrainingError, resolve_recipe
+from tests.fast import FAST
+from trainables import LocalSession, load_checkpoint, train_classifier
+
+
+def _train(epochs=3, keep=False, resume_from=None, **extra):
+    recipe = resolve_recipe("rsb-digits", {**FAST, "schedule.epochs": epochs, **extra})
+    session = LocalSession(keep_checkpoints=keep, resume_from=resume_from)
+    train_classifier(recipe, session)
+    return session
+
+
+def test_learns_and_reports_every_epoch():
+    session = _train()
+    assert [r["epoch"] for r in session.reports] == [1, 2, 3]
+    last = session.reports[-1]
+    for key in ("train/loss", "val/top1", "val/top5", "val/loss", "lr", "epoch", "images_per_s", "epoch_s"):
+        assert key in last
+    assert last["val/top1"] > 0.5  # chance is 0.1
+    assert last["val/top5"] >= last["val/top1"]
+    assert last["images_per_s"] > 0
+
+
+def test_same_recipe_and_seed_give_the_same_result():
+    first = _train(epochs=2, **{"data.rand_augment": "rand-m5-mstd0.5-inc1", "reg.mixup_alpha": 0.2})
+    second = _train(epochs=2, **{"data.rand_augment": "rand-m5-mstd0.5-inc1", "reg.mixup_alpha": 0.2})
+    assert [r["val/top1"] for r in first.reports] == [r["val/top1"] for r in second.reports]
+    other = _train(epochs=2, **{"data.rand_augment": "rand-m5-mstd0.5-inc1", "reg.mixup_alpha": 0.2, "runtime.seed": 1})
+    assert [r["train/loss"] for r in other.reports] != [r["train/loss"] for r in first.reports]
+
+
+def test_checkpoints_load_weights_only_and_resume_where_they_stopped(tmp_path):
+    full = _train(epochs=3, keep=True)
+    ckpt = load_checkpoint(full.checkpoints[0])  # torch.load(weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "epoch", "recipe", "rng"}
+    assert ckpt["recipe"]["optim"]["lr"] == 0.1
+    resumed = _train(epochs=3, resume_from=full.checkpoints[0])
+    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    # Model, optimizer, schedule and every random stream come back: the resumed run is the same run.
+    assert [r["val/top1"] for r in resumed.reports] == [r["val/top1"] for r in full.reports[1:]]
+
+
+def test_ema_weights_are_scored_and_the_raw_model_kept():
+    session = _train(epochs=2, **{"reg.ema_decay": 0.9})
+    last = session.reports[-1]
+    assert "val_model/top1" in last and "val/top1" in last
+
+
+def test_repeated_augmentation_and_bce_train():
+    session = _train(epochs=1, **{"data.repeated_aug": 3, "loss.name": "bce", "loss.target_threshold": 0.2})
+    assert session.reports[-1]["train/loss"] > 0
+
+
+def test_a_diverging_recipe_stops_at_once():
+    with pytest.raises(TrainingError, match="diverged"):
+        _train(epochs=3, **{"optim.lr": 100.0, "optim.name": "momentum", "optim.weight_decay": 0.0})
+
+
+def test_batch_larger_than_the_data_is_an_error():
+    from spaces import RecipeError
+
+    with pytest.raises(RecipeError, match="exceeds"):
+        _train(epochs=1, **{"optim.batch_size": 4096})
