@@ -106,6 +106,7 @@ class SweepMonitor(Callback):
         return f"{index}/{self.state['num_samples']}"
 
     def setup(self, **info: Any) -> None:
+        self.started = time.time()
         self._save()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -120,6 +121,7 @@ class SweepMonitor(Callback):
         record = self._record(trial)
         record["epoch"] = result.get("epoch")
         record["epochs"] = result.get("epochs")
+        record["train_s"] = record.get("train_s", 0.0) + float(result.get("epoch_s", 0.0))
         record["metrics"] = {k: v for k, v in result.items() if ("/" in k or k in ("lr", "epoch")) and isinstance(v, (int, float))}
         self._save()
 
@@ -159,6 +161,7 @@ class SweepMonitor(Callback):
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.state["finished"] = True
+        self.state["fit_s"] = self.state.get("fit_s", 0.0) + time.time() - self.started
         self._save()
 
     def mark_interrupted(self) -> None:

@@ -58,6 +58,7 @@ class SweepSpec:
     address: Optional[str] = None
     seed: int = 0
     max_failures: int = 2
+    launcher: str = "auto"  # "train": Ray Train even for one worker (see search.trial)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -110,6 +111,22 @@ def _check_address(address: str) -> None:
         raise SweepError(f"Ray address {address!r} does not answer: {err}") from None
 
 
+def _check_no_local_ray() -> None:
+    """Refuse to start a second local Ray: Train V2's state-API calls then cannot tell
+    which instance is theirs, and trials after the first wait forever for workers."""
+    import ray
+    from ray._private.services import find_gcs_addresses  # what ray.init(address="auto") scans
+
+    if ray.is_initialized():
+        return
+    running = sorted(find_gcs_addresses())
+    if running:
+        raise SweepError(
+            f"a Ray instance is already running on this machine ({', '.join(running)}): "
+            f"join it with --address {running[0]}, or stop it with 'ray stop'"
+        )
+
+
 def _max_epochs(space: Space, recipe: Recipe) -> int:
     param = space.params.get("schedule.epochs")
     if param is None:
@@ -127,6 +144,10 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         raise SweepError(f"--trials must be at least 1, but got {spec.trials}")
     if spec.concurrency is not None and spec.concurrency < 1:
         raise SweepError(f"--concurrency must be at least 1, but got {spec.concurrency}")
+    from search.trial import LAUNCHERS
+
+    if spec.launcher not in LAUNCHERS:
+        raise SweepError(f"unknown launcher {spec.launcher!r}; available: {', '.join(LAUNCHERS)}")
     if spec.grace_period < 1:
         raise SweepError(f"grace period must be at least 1 epoch, but got {spec.grace_period}")
     if spec.searcher is not None:
@@ -163,6 +184,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     address = spec.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_address(address)
+    else:
+        _check_no_local_ray()
     overrides = dict(spec.overrides)
     if recipe.data.name not in EMBEDDED_DATASETS:
         overrides["data.name"] = recipe.data.name
@@ -252,7 +275,7 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
     from ray.tune import CheckpointConfig, FailureConfig
 
     from search.algorithms import build_scheduler, build_searcher
-    from search.trial import run_trial, trial_resources
+    from search.trial import run_trial, trial_resources, uses_ray_train
 
     spec = plan.spec
     trainable = tune.with_resources(
@@ -262,8 +285,9 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
             overrides=plan.overrides,
             train_storage=os.path.join(plan.sweep_dir, "train"),
             max_failures=spec.max_failures,
+            launcher=spec.launcher,
         ),
-        trial_resources(plan.recipe),
+        trial_resources(plan.recipe, spec.launcher),
     )
     if restore:
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
@@ -277,7 +301,10 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         scheduler=build_scheduler(spec.scheduler, plan.max_epochs, spec.grace_period),
         num_samples=spec.trials,
         max_concurrent_trials=_fit_concurrency(plan),
-        reuse_actors=True,
+        # Reusing a trial's actor saves its start-up (torch import) when the loop runs in it;
+        # a trial that ran a TorchTrainer takes longer to wind down than Tune waits, and a
+        # failed reuse left the next trial unscheduled: those get fresh actors.
+        reuse_actors=not uses_ray_train(plan.recipe, spec.launcher),
     )
     run_config = tune.RunConfig(
         name=plan.name,

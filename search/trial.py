@@ -12,16 +12,19 @@ from typing import Any
 
 from spaces import Recipe, resolve_recipe
 
-__all__ = ["run_trial", "trial_resources", "uses_ray_train"]
+__all__ = ["LAUNCHERS", "run_trial", "trial_resources", "uses_ray_train"]
+
+# auto: Ray Train only when a trial has several workers; train: always Ray Train.
+LAUNCHERS = ("auto", "train")
 
 
-def uses_ray_train(recipe: Recipe) -> bool:
-    return recipe.runtime.workers > 1
+def uses_ray_train(recipe: Recipe, launcher: str = "auto") -> bool:
+    return launcher == "train" or recipe.runtime.workers > 1
 
 
-def trial_resources(recipe: Recipe) -> dict[str, float]:
+def trial_resources(recipe: Recipe, launcher: str = "auto") -> dict[str, float]:
     """What the Tune trial itself reserves."""
-    if uses_ray_train(recipe):
+    if uses_ray_train(recipe, launcher):
         # The TorchTrainer's workers reserve their own CPUs and GPUs. Tune wants a
         # non-empty bundle: one byte of memory holds nothing the workers need.
         return {"CPU": 0, "memory": 1}
@@ -59,12 +62,20 @@ def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_fa
     trainer.fit()
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], overrides: dict[str, Any], train_storage: str, max_failures: int) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    overrides: dict[str, Any],
+    train_storage: str,
+    max_failures: int,
+    launcher: str = "auto",
+) -> None:
     """Tune function trainable: ``config`` holds the sampled dotted keys."""
     from ray import tune
 
     recipe = resolve_recipe(base, config, overrides)
-    if uses_ray_train(recipe):
+    if uses_ray_train(recipe, launcher):
         trial_id = tune.get_context().get_trial_id()
         _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures)
     else:

@@ -121,8 +121,8 @@ def test_sweep_in_tune_trials_stops_early_tracks_and_exports_best(ray_session, w
 
 def test_sweep_with_ray_train_workers(ray_session, workdir):
     """Two DDP workers per trial: TorchTrainer inside Tune, trials after an early stop still run."""
-    plan, state, _ = _sweep(workdir, "e2e-ddp", trials=3, epochs=3, overrides={"runtime.workers": 2})
-    records = _check_sweep(workdir, plan, state, trials=3)
+    plan, state, _ = _sweep(workdir, "e2e-ddp", trials=4, epochs=3, overrides={"runtime.workers": 2})
+    records = _check_sweep(workdir, plan, state, trials=4)
     assert plan.recipe.runtime.workers == 2
     assert max(r["metrics"]["val/top1"] for r in records.values()) > 0.3
 
