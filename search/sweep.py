@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,8 +95,10 @@ def _check_storage(root: Path) -> None:
     probe = root
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SweepError(f"storage path {str(root)!r} cannot be written (nearest existing folder: {str(probe)!r})")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".recipe-search-probe-", dir=probe))  # permissions alone can lie (root, /proc)
+    except OSError as err:
+        raise SweepError(f"storage path {str(root)!r} cannot be written ({str(probe)!r}: {err.strerror})") from None
 
 
 def _check_address(address: str) -> None:

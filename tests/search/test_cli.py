@@ -56,7 +56,7 @@ BAD_INPUT = [
     (["sweep", "--set", "optim.weight_decay=-1"], "optim.weight_decay"),
     (["sweep", "--set", "data.fraction=2"], "data.fraction"),
     (["sweep", "--set", "optim.lr=0.1"], "--set optim.lr fixes a key that space 'rsb' searches"),
-    (["sweep", "--set", "optim.name=lamb2", "--recipe", "rsb-a3"], "unknown optimizer 'lamb2'"),
+    (["train", "rsb-a3", "--set", "optim.name=lamb2"], "unknown optimizer 'lamb2'"),
     (["sweep", "--set", "model.norm=syncbn"], "SyncBatchNorm layers only work with GPU modules"),
     (["sweep", "--data", "/nonexistent/data"], "does not exist"),
     (["sweep", "--storage", "/proc/forbidden"], "cannot be written"),
