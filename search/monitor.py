@@ -21,6 +21,7 @@ from ray.tune.experiment import Trial
 from spaces import Recipe
 
 from search.algorithms import ran_to_completion
+from search.trial import ERROR_KEY, FAILED_KEY
 from search.tracking import trial_error
 
 __all__ = ["STATE_FILE", "SweepMonitor", "read_state", "better"]
@@ -126,9 +127,12 @@ class SweepMonitor(Callback):
         self._save()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        result = trial.last_result or {}
+        if result.get(FAILED_KEY):
+            self._failed(trial, result[ERROR_KEY])
+            return
         record = self._record(trial)
         record["status"] = "TERMINATED"
-        result = trial.last_result or {}
         complete = ran_to_completion(result)
         record["stopped_early"] = not complete
         value = result.get(self.metric)
@@ -153,11 +157,14 @@ class SweepMonitor(Callback):
         self._print(line)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._failed(trial, trial_error(trial))
+
+    def _failed(self, trial: Trial, error: str) -> None:
         record = self._record(trial)
         record["status"] = "ERROR"
-        record["error"] = trial_error(trial)
+        record["error"] = error
         self._save()
-        self._print(f"trial {self._ordinal(trial)} {trial.trial_id} failed: {record['error']}")
+        self._print(f"trial {self._ordinal(trial)} {trial.trial_id} failed: {error}")
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.state["finished"] = True

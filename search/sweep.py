@@ -288,6 +288,7 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
             overrides=plan.overrides,
             train_storage=os.path.join(plan.sweep_dir, "train"),
             max_failures=spec.max_failures,
+            metric=plan.space.metric,
             launcher=spec.launcher,
         ),
         trial_resources(plan.recipe, spec.launcher),
@@ -316,7 +317,8 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         verbose=0,
         log_to_file=True,
         checkpoint_config=CheckpointConfig(num_to_keep=1),
-        failure_config=FailureConfig(max_failures=spec.max_failures),
+        # Under Ray Train, the TorchTrainer restarts its own workers; the trial itself is light.
+        failure_config=FailureConfig(max_failures=0 if uses_ray_train(plan.recipe, spec.launcher) else spec.max_failures),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 

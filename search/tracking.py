@@ -177,8 +177,13 @@ class MlflowTracking(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         from search.algorithms import ran_to_completion
+        from search.trial import ERROR_KEY, FAILED_KEY
 
-        self._finish(trial, "FINISHED" if ran_to_completion(trial.last_result) else "KILLED")
+        result = trial.last_result or {}
+        if result.get(FAILED_KEY):
+            self._finish(trial, "FAILED", error=result.get(ERROR_KEY))
+        else:
+            self._finish(trial, "FINISHED" if ran_to_completion(result) else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._finish(trial, "FAILED", error=trial_error(trial))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spaces import Recipe, resolve_recipe
+from spaces import Recipe, RecipeSearchError, resolve_recipe
 
 __all__ = ["LAUNCHERS", "run_trial", "trial_resources", "uses_ray_train"]
 
@@ -62,6 +62,10 @@ def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_fa
     trainer.fit()
 
 
+FAILED_KEY = "trial_failed"
+ERROR_KEY = "trial_error"
+
+
 def run_trial(
     config: dict[str, Any],
     *,
@@ -69,16 +73,27 @@ def run_trial(
     overrides: dict[str, Any],
     train_storage: str,
     max_failures: int,
+    metric: str,
     launcher: str = "auto",
 ) -> None:
-    """Tune function trainable: ``config`` holds the sampled dotted keys."""
+    """Tune function trainable: ``config`` holds the sampled dotted keys.
+
+    A recipe that is invalid or diverges fails the same way on every retry, so it
+    is not raised (Tune would retry it): the trial ends with a last result
+    flagged ``trial_failed`` and a NaN metric, which the searcher records as
+    FAIL, the tracker as FAILED, and the sweep's state as ERROR. Crashes
+    (a killed process, a lost node) still raise and are retried.
+    """
     from ray import tune
 
-    recipe = resolve_recipe(base, config, overrides)
-    if uses_ray_train(recipe, launcher):
-        trial_id = tune.get_context().get_trial_id()
-        _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures)
-    else:
-        from trainables import TuneSession, train_classifier
+    try:
+        recipe = resolve_recipe(base, config, overrides)
+        if uses_ray_train(recipe, launcher):
+            trial_id = tune.get_context().get_trial_id()
+            _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures)
+        else:
+            from trainables import TuneSession, train_classifier
 
-        train_classifier(recipe, TuneSession())
+            train_classifier(recipe, TuneSession())
+    except RecipeSearchError as err:
+        tune.report({metric: float("nan"), FAILED_KEY: 1, ERROR_KEY: f"{type(err).__name__}: {err}"})

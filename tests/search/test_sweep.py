@@ -145,3 +145,38 @@ def test_train_runs_one_recipe_tracked_like_a_sweep(ray_session, workdir):
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
     assert children[0].data.params["optim.lr"] == "0.1"
+
+
+def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir):
+    space = {"name": "diverge", "recipe": "rsb-digits", "params": {"optim.lr": {"choice": [100.0, 0.1]}}}
+    spec = SweepSpec(
+        space=parse_space(space, "test"),
+        name="diverge",
+        overrides={**{k: v for k, v in FAST.items() if k != "optim.lr"}, "optim.name": "momentum", "optim.weight_decay": 0.0, "schedule.epochs": 2},
+        trials=2,
+        searcher="random",  # seed 0 draws 0.1, then 100.0
+        scheduler="fifo",
+        concurrency=1,
+        storage=str(workdir / "runs"),
+        seed=0,
+    )
+    plan = plan_sweep(spec)
+    out = io.StringIO()
+    state = run_sweep(plan, out=out)
+    records = state["trials"]
+    by_lr = {r["config"]["optim.lr"]: (trial_id, r) for trial_id, r in records.items()}
+    bad_id, bad = by_lr[100.0]
+    good_id, good = by_lr[0.1]
+    assert bad["status"] == "ERROR" and "diverged" in bad["error"]
+    assert good["status"] == "TERMINATED"
+    assert state["best"]["trial_id"] == good_id
+    assert "failed" in out.getvalue()
+
+    searcher = PruneAwareOptunaSearch()
+    searcher.restore_from_dir(plan.sweep_dir)
+    assert sorted(t.state.name for t in searcher.study.trials) == ["COMPLETE", "FAIL"]
+    client, _, children = _runs("diverge")
+    statuses = {c.data.tags["recipe_search.trial_id"]: c.info.status for c in children}
+    assert statuses == {bad_id: "FAILED", good_id: "FINISHED"}
+    bad_run = next(c for c in children if c.data.tags["recipe_search.trial_id"] == bad_id)
+    assert "diverged" in bad_run.data.tags["recipe_search.error"]

@@ -160,3 +160,13 @@ def test_image_folder_checks(tmp_path):
     (tmp_path / "train" / "cat").mkdir()
     with pytest.raises(DataError, match="holds no images"):
         check_image_folder(tmp_path)
+
+
+def test_randaugment_at_full_magnitude_runs():
+    """Magnitude noise can reach 10, where timm's posterize keeps 0 bits (pillow 13 refuses that)."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.new("RGB", (32, 32), (120, 30, 200))
+    for name in ("PosterizeIncreasing", "Posterize", "SolarizeIncreasing", "SharpnessIncreasing"):
+        assert AugmentOp(name, prob=1.0, magnitude=10)(image).size == (32, 32)
