@@ -21,26 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from search.sweep import SweepSpec, init_ray, plan_sweep, run_sweep  # noqa: E402
 from spaces import parse_space  # noqa: E402
 
-FAST = {
-    "data.fraction": 0.5,
-    "optim.name": "sgd",
-    "optim.batch_size": 32,
-    "loss.name": "ce",
-    "reg.mixup_alpha": 0.0,
-    "reg.cutmix_alpha": 0.0,
-    "data.rand_augment": None,
-    "schedule.warmup_epochs": 0,
-}
-
 
 def measure(launcher: str, trials: int, epochs: int, root: str) -> dict[str, float]:
     space = parse_space(
-        {"name": "overhead", "recipe": "rsb-digits", "params": {"optim.lr": {"loguniform": [0.01, 0.3]}}}, "bench"
+        {"name": "overhead", "recipe": "digits-smoke", "params": {"optim.lr": {"loguniform": [0.01, 0.3]}}}, "bench"
     )
     spec = SweepSpec(
         space=space,
         name=f"overhead-{launcher}",
-        overrides={**FAST, "schedule.epochs": epochs},
+        overrides={"schedule.epochs": epochs},
         trials=trials,
         searcher="random",
         scheduler="fifo",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,9 +70,3 @@ def trial_rows(sweep_dir: str) -> list[dict[str, Any]]:
         )
     return rows
 
-
-def relative(path: str) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return path

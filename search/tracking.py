@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial

@@ -88,12 +88,27 @@ RSB_DIGITS = {
     "runtime.gpus_per_worker": 0,
 }
 
+# A run of seconds on 2 CPUs, for smoke tests and benchmarks of the machinery.
+DIGITS_SMOKE = {
+    "data.fraction": 0.5,
+    "data.rand_augment": None,
+    "optim.name": "sgd",
+    "optim.batch_size": 32,
+    "optim.lr": 0.1,
+    "loss.name": "ce",
+    "reg.mixup_alpha": 0.0,
+    "reg.cutmix_alpha": 0.0,
+    "schedule.epochs": 3,
+    "schedule.warmup_epochs": 0,
+}
+
 # name -> (base preset or None, overrides, one-line description)
 RECIPE_PRESETS: dict[str, tuple[str | None, dict[str, Any], str]] = {
     "rsb-a1": (None, RSB_A1, "ResNet strikes back A1: ResNet-50, 600 epochs, LAMB, BCE (80.4 top-1)"),
     "rsb-a2": ("rsb-a1", RSB_A2, "ResNet strikes back A2: ResNet-50, 300 epochs (79.8 top-1)"),
     "rsb-a3": ("rsb-a2", RSB_A3, "ResNet strikes back A3: ResNet-50, 100 epochs at 160 px (78.1 top-1)"),
     "rsb-digits": ("rsb-a3", RSB_DIGITS, "A3 sized for the embedded digits: small timm ResNet, 32 px, 20 epochs"),
+    "digits-smoke": ("rsb-digits", DIGITS_SMOKE, "seconds on 2 CPUs: SGD on half the digits, light augmentation (smoke tests)"),
 }
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 

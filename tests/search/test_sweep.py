@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pickle
 
 import pytest
 import yaml
@@ -17,20 +15,19 @@ from search.algorithms import PruneAwareOptunaSearch
 from search.cli import app
 from search.sweep import BEST_RECIPE_FILE, SweepSpec, plan_sweep, run_sweep
 from spaces import known_keys, load_recipe_file, parse_space, validate_recipe, Recipe
-from tests.fast import FAST
 
 pytestmark = pytest.mark.slow
 
 # Random sampler, seed 0, draws bad, good, bad, bad: the good trial sets the bar
 # at ASHA's first rung, and the later bad ones are stopped there.
-GOOD_OR_BAD = {"name": "good-or-bad", "recipe": "rsb-digits", "params": {"optim.lr": {"choice": [0.1, 1.0e-7]}}}
+GOOD_OR_BAD = {"name": "good-or-bad", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [0.1, 1.0e-7]}}}
 
 
 def _sweep(workdir, name, trials, epochs, **spec_args):
     spec = SweepSpec(
         space=parse_space(GOOD_OR_BAD, "test"),
         name=name,
-        overrides={**{k: v for k, v in FAST.items() if k != "optim.lr"}, "schedule.epochs": epochs, **spec_args.pop("overrides", {})},
+        overrides={"schedule.epochs": epochs, **spec_args.pop("overrides", {})},
         trials=trials,
         searcher="random",
         scheduler="asha",
@@ -131,9 +128,9 @@ def test_train_runs_one_recipe_tracked_like_a_sweep(ray_session, workdir):
     from spaces import Space
 
     spec = SweepSpec(
-        space=Space(name="train-rsb-digits", recipe="rsb-digits", params={}),
+        space=Space(name="train-digits-smoke", recipe="digits-smoke", params={}),
         name="one-run",
-        overrides={**FAST, "schedule.epochs": 1},
+        overrides={"schedule.epochs": 1},
         trials=1,
         searcher=None,
         scheduler="fifo",
@@ -148,11 +145,11 @@ def test_train_runs_one_recipe_tracked_like_a_sweep(ray_session, workdir):
 
 
 def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir):
-    space = {"name": "diverge", "recipe": "rsb-digits", "params": {"optim.lr": {"choice": [100.0, 0.1]}}}
+    space = {"name": "diverge", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [100.0, 0.1]}}}
     spec = SweepSpec(
         space=parse_space(space, "test"),
         name="diverge",
-        overrides={**{k: v for k, v in FAST.items() if k != "optim.lr"}, "optim.name": "momentum", "optim.weight_decay": 0.0, "schedule.epochs": 2},
+        overrides={"optim.name": "momentum", "optim.weight_decay": 0.0, "schedule.epochs": 2},
         trials=2,
         searcher="random",  # seed 0 draws 0.1, then 100.0
         scheduler="fifo",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from spaces import TrainingError, resolve_recipe
-from tests.fast import FAST
 from trainables import LocalSession, load_checkpoint, train_classifier
 
 
 def _train(epochs=3, keep=False, resume_from=None, **extra):
-    recipe = resolve_recipe("rsb-digits", {**FAST, "schedule.epochs": epochs, **extra})
+    recipe = resolve_recipe("digits-smoke", {"schedule.epochs": epochs, **extra})
     session = LocalSession(keep_checkpoints=keep, resume_from=resume_from)
     train_classifier(recipe, session)
     return session
