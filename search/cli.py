@@ -58,24 +58,31 @@ TrackingOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI 
 AddressOption = typer.Option(None, "--address", help="Ray cluster to join [default: $RAY_ADDRESS or a local Ray]")
 
 
-def _launch(spec, json_out: bool = False) -> None:
-    from search.sweep import BEST_RECIPE_FILE, plan_sweep, run_sweep
-    from search.tracking import resolve_tracking_uri
+EXIT_INTERRUPTED = 130
 
-    plan = plan_sweep(spec)
+
+def _launch(spec, resume: bool = False) -> None:
+    from search.sweep import BEST_RECIPE_FILE, plan_sweep, run_sweep
+
+    plan = plan_sweep(spec, resume=resume)
     started = time.time()
-    state = run_sweep(plan)
+    state = run_sweep(plan, resume=resume)
     best = state.get("best")
     minutes = (time.time() - started) / 60
     counts = _counts(state)
-    print(f"\nsweep {plan.name} done in {minutes:.1f} min: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n))
+    summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+    if state.get("interrupted"):
+        print(f"\nsweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.")
+        print(f"resume it with: recipe-search resume {plan.sweep_dir}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
     if best:
         print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
         print(recipe_to_yaml(_recipe(best["recipe"])).rstrip())
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
     else:
         print("no trial produced a result")
-    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {resolve_tracking_uri(spec.tracking_uri)}")
+    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
 
 
 def _counts(state: dict[str, Any]) -> dict[str, int]:
@@ -147,6 +154,19 @@ def train(
         searcher=None, scheduler="fifo", storage=storage, tracking_uri=tracking_uri, address=address,
     )
     _launch(spec)
+
+
+@app.command()
+def resume(
+    sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
+    storage: str = StorageOption,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: the sweep's own]"),
+) -> None:
+    """Continue a stopped sweep: finished trials stay done, interrupted ones go on from their checkpoints."""
+    from search.results import find_sweep
+    from search.sweep import load_sweep_spec
+
+    _launch(load_sweep_spec(find_sweep(sweep_name, storage), tracking_uri), resume=True)
 
 
 @app.command()

@@ -167,7 +167,9 @@ class SweepMonitor(Callback):
         self._print(f"trial {self._ordinal(trial)} {trial.trial_id} failed: {error}")
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        self.state["finished"] = True
+        # Tune also ends the experiment when the driver is interrupted: finished only if every trial is.
+        done = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
+        self.state["finished"] = len(done) >= self.state["num_samples"]
         self.state["fit_s"] = self.state.get("fit_s", 0.0) + time.time() - self.started
         self._save()
 

@@ -137,8 +137,11 @@ def _max_epochs(space: Space, recipe: Recipe) -> int:
     return int(max(param.edge_values()))
 
 
-def plan_sweep(spec: SweepSpec) -> SweepPlan:
-    """Validate a sweep without side effects; raise a ``RecipeSearchError`` naming what is wrong."""
+def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
+    """Validate a sweep without side effects; raise a ``RecipeSearchError`` naming what is wrong.
+
+    With ``resume``, the sweep must exist already (see ``load_sweep_spec``).
+    """
     from search.algorithms import check_names
     from search.tracking import check_tracking_uri, resolve_tracking_uri
     from trainables.data import EMBEDDED_DATASETS, check_image_folder
@@ -180,7 +183,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     storage_root = Path(spec.storage).expanduser().absolute()
     _check_storage(storage_root)
     sweep_dir = storage_root / name
-    if (sweep_dir / SPEC_FILE).exists():
+    if (sweep_dir / SPEC_FILE).exists() and not resume:
         raise SweepError(f"sweep {name!r} already exists in {str(storage_root)!r}: resume it (recipe-search resume {name}) or pick another --name")
     tracking_uri = resolve_tracking_uri(spec.tracking_uri)
     check_tracking_uri(tracking_uri)
@@ -204,6 +207,20 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         max_epochs=_max_epochs(space, recipe),
         tracking_uri=tracking_uri,
     )
+
+
+def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> SweepSpec:
+    """The spec a sweep was launched with, to resume it (``tracking_uri`` overrides the saved one)."""
+    try:
+        with open(os.path.join(sweep_dir, SPEC_FILE)) as f:
+            data = json.load(f)
+        data["storage"] = os.path.dirname(os.path.abspath(sweep_dir))
+        data["name"] = os.path.basename(os.path.abspath(sweep_dir))
+        if tracking_uri:
+            data["tracking_uri"] = tracking_uri
+        return SweepSpec.from_json(data)
+    except (OSError, ValueError, TypeError) as err:
+        raise SweepError(f"cannot read {SPEC_FILE} of sweep {sweep_dir!r}: {err}") from None
 
 
 def _route_ray_logs(sweep_dir: str) -> None:
@@ -323,17 +340,27 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def run_sweep(plan: SweepPlan, out=None) -> dict[str, Any]:
-    """Start Ray (or join it), run the sweep to its end, and return its recorded state."""
+def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
+    """Start Ray (or join it), run the sweep to its end, and return its recorded state.
+
+    With ``resume``, the sweep continues from its directory: finished trials stay
+    finished, interrupted ones go on from their last checkpoint, the searcher's
+    Optuna study is restored, and MLflow runs are reopened, not duplicated.
+    If the driver is interrupted (Ctrl-C), the state is saved, open runs are
+    marked KILLED and the returned state has ``"interrupted": true``.
+    """
     import sys
+
+    from ray.tune.error import TuneError
 
     from search.monitor import SweepMonitor, read_state
     from search.tracking import MlflowTracking
 
     out = out or sys.stdout
     os.makedirs(plan.sweep_dir, exist_ok=True)
-    with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
-        json.dump({**plan.spec.to_json(), "name": plan.name}, f, indent=1)
+    if not resume:
+        with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
+            json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri}, f, indent=1)
     _route_ray_logs(plan.sweep_dir)
     init_ray(plan.spec.address)
     recipe_of = _recipe_of(plan)
@@ -366,18 +393,31 @@ def run_sweep(plan: SweepPlan, out=None) -> dict[str, Any]:
         run_id_of=lambda trial_id: tracker.run_ids.get(trial_id),
         out=out,
     )
-    print(f"sweep {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)
+    verb = "resuming" if resume else "sweep"
+    print(f"{verb} {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)
     print(f"  directory {plan.sweep_dir} (Ray logs: {os.path.join(plan.sweep_dir, LOG_FILE)})", file=out, flush=True)
-    tuner = build_tuner(plan, [tracker, monitor])
+    tuner = build_tuner(plan, [tracker, monitor], restore=resume)
+    if resume:
+        # Tune restores the run config it pickled; this driver's callbacks replace its stale copies.
+        tuner._local_tuner.get_run_config().callbacks = [tracker, monitor]
+    interrupted = False
     # Tune prints its banners whatever the verbosity: they go to the log with the rest.
     with open(os.path.join(plan.sweep_dir, LOG_FILE), "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        tuner.fit()
+        try:
+            tuner.fit()
+        except (KeyboardInterrupt, TuneError):
+            interrupted = True
     state = read_state(plan.sweep_dir) or {}
+    if interrupted or not state.get("finished"):
+        tracker.close_interrupted()
+        monitor.mark_interrupted()
+        state = {**(read_state(plan.sweep_dir) or {}), "interrupted": True}
+        return state
     best = state.get("best")
     if best:
         recipe = Recipe.model_validate(best["recipe"])
         best_path = os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)
         with open(best_path, "w") as f:
             f.write(recipe_to_yaml(recipe))
-        tracker.client.log_artifact(tracker.parent_run_id, best_path)
+        tracker.log_best(best["value"], best_path)
     return state

@@ -89,8 +89,8 @@ class MlflowTracking(Callback):
         self.client = MlflowClient(tracking_uri)
         self.parent_run_id: Optional[str] = None
         self.run_ids: dict[str, str] = {}
+        self.last_steps: dict[str, int] = {}
         self.experiment_id: Optional[str] = None
-        self._best: Optional[float] = None
 
     # -- run map ---------------------------------------------------------------
     @property
@@ -100,7 +100,11 @@ class MlflowTracking(Callback):
     def _save_map(self) -> None:
         tmp = self._runs_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": self.run_ids}, f, indent=1)
+            json.dump(
+                {"experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": self.run_ids, "last_steps": self.last_steps},
+                f,
+                indent=1,
+            )
         os.replace(tmp, self._runs_path)
 
     def _load_map(self) -> None:
@@ -109,6 +113,7 @@ class MlflowTracking(Callback):
                 saved = json.load(f)
             self.parent_run_id = saved.get("parent_run_id")
             self.run_ids = dict(saved.get("trials", {}))
+            self.last_steps = dict(saved.get("last_steps", {}))
 
     # -- Tune callback hooks ---------------------------------------------------
     def setup(self, **info: Any) -> None:
@@ -159,13 +164,12 @@ class MlflowTracking(Callback):
         if run_id is None:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()]
-        self.client.log_batch(run_id, metrics=metrics)
-        value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            if self._best is None or (value > self._best if self.mode == "max" else value < self._best):
-                self._best = float(value)
+        if step > self.last_steps.get(trial.trial_id, 0):  # an epoch re-done after a restart is not logged twice
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()]
+            self.client.log_batch(run_id, metrics=metrics)
+            self.last_steps[trial.trial_id] = step
+            self._save_map()
 
     def _finish(self, trial: Trial, status: str, error: Optional[str] = None) -> None:
         run_id = self.run_ids.get(trial.trial_id)
@@ -189,11 +193,14 @@ class MlflowTracking(Callback):
         self._finish(trial, "FAILED", error=trial_error(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        if self.parent_run_id is None:
-            return
-        if self._best is not None:
-            self.client.log_metric(self.parent_run_id, f"best/{self.metric}", self._best)
+        if self.parent_run_id is None or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials):
+            return  # interrupted: close_interrupted marks the open runs
         self.client.set_terminated(self.parent_run_id, status="FINISHED")
+
+    def log_best(self, value: float, recipe_path: str) -> None:
+        """The sweep's best value and recipe, on the parent run."""
+        self.client.log_metric(self.parent_run_id, f"best/{self.metric}", value)
+        self.client.log_artifact(self.parent_run_id, recipe_path)
 
     def close_interrupted(self) -> None:
         """Mark the parent and every run still open KILLED (the driver was interrupted)."""

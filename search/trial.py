@@ -38,7 +38,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_failures: int) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -56,6 +56,8 @@ def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_fa
             name=run_name,
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
+            # Same name and storage on a retry or resume: Ray Train restores the run's latest checkpoint.
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )

@@ -32,8 +32,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.layers import freeze_batch_norm_2d
 from timm.utils import ModelEmaV3
 
-from spaces import OPTIMIZERS, Recipe, RecipeError, TrainingError, validate_recipe
-from trainables.data import build_datasets, shard
+from spaces import OPTIMIZERS, DataError, Recipe, RecipeError, TrainingError, validate_recipe
+from trainables.data import MAX_UNREADABLE_FRACTION, build_datasets, collate_readable, shard
 from trainables.session import Session
 
 __all__ = [
@@ -182,8 +182,11 @@ def _autocast(recipe: Recipe, device: torch.device):
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe: Recipe) -> dict[str, float]:
     """Top-1, top-5 and cross-entropy over the loader, summed across workers."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count
-    for images, targets in loader:
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss, count, skipped
+    for images, targets, skipped in loader:
+        sums[4] += skipped
+        if images is None:
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if recipe.runtime.channels_last:
@@ -201,7 +204,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     count = max(sums[3].item(), 1.0)
-    return {"top1": sums[0].item() / count, "top5": sums[1].item() / count, "loss": sums[2].item() / count}
+    return {
+        "top1": sums[0].item() / count,
+        "top5": sums[1].item() / count,
+        "loss": sums[2].item() / count,
+        "skipped": sums[4].item(),
+    }
 
 
 @dataclass
@@ -303,6 +311,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
         batch_size=per_worker_batch,
         sampler=sampler,
         drop_last=True,  # Mixup needs even, full batches
+        collate_fn=collate_readable,
         num_workers=loader_workers,
         persistent_workers=loader_workers > 0,
         pin_memory=device.type == "cuda",
@@ -310,6 +319,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
     val_loader = DataLoader(
         shard(data.val, session.rank, session.world_size),
         batch_size=max(per_worker_batch, 64),
+        collate_fn=collate_readable,
         num_workers=loader_workers,
         pin_memory=device.type == "cuda",
     )
@@ -341,8 +351,14 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
         started = time.perf_counter()
         seen = 0
         loss_sum = torch.zeros((), device=device)
+        skipped = 0
         num_updates = epoch * updates_per_epoch
-        for step, (images, targets) in enumerate(train_loader):
+        for step, (images, targets, batch_skipped) in enumerate(train_loader):
+            skipped += batch_skipped
+            if images is None:
+                continue
+            if mixup is not None and images.shape[0] % 2:
+                images, targets = images[:-1], targets[:-1]  # Mixup pairs samples: an even batch
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if mixup is not None:
@@ -378,10 +394,22 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
             "images_per_s": seen * session.world_size / max(train_time, 1e-9),
         }
         model_metrics = evaluate(model, val_loader, device, recipe)
+        train_skipped = torch.tensor([float(skipped)], dtype=torch.float64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(train_skipped)  # evaluate() already summed its own count over workers
+        metrics["data/skipped"] = train_skipped.item() + model_metrics.pop("skipped")
+        dataset_size = len(data.train) + len(data.val)
+        if metrics["data/skipped"] > MAX_UNREADABLE_FRACTION * dataset_size:
+            raise DataError(
+                f"{int(metrics['data/skipped'])} images of {recipe.data.name!r} could not be decoded in epoch {epoch + 1} "
+                f"(more than {MAX_UNREADABLE_FRACTION:.0%} of {dataset_size}); their paths are in the trial's log"
+            )
         if ema is not None:
             # As timm's train.py: the EMA weights are what the recipe delivers and
             # what is scored; the raw model's numbers are kept beside them.
-            metrics.update({f"val/{k}": v for k, v in evaluate(ema.module, val_loader, device, recipe).items()})
+            ema_metrics = evaluate(ema.module, val_loader, device, recipe)
+            ema_metrics.pop("skipped")
+            metrics.update({f"val/{k}": v for k, v in ema_metrics.items()})
             metrics.update({f"val_model/{k}": v for k, v in model_metrics.items()})
         else:
             metrics.update({f"val/{k}": v for k, v in model_metrics.items()})

@@ -6,6 +6,7 @@ real 8x8 images, 10 classes), shipped inside the package: it needs no download.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,25 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, default_collate
+from torchvision.datasets import ImageFolder
 
 from spaces import DataError
 from spaces.recipe import DataConfig
 
-__all__ = ["EMBEDDED_DATASETS", "Datasets", "build_datasets", "stratified_subset", "check_image_folder"]
+__all__ = [
+    "EMBEDDED_DATASETS",
+    "MAX_UNREADABLE_FRACTION",
+    "Datasets",
+    "ReadableImageFolder",
+    "build_datasets",
+    "check_image_folder",
+    "collate_readable",
+    "stratified_subset",
+]
+
+logger = logging.getLogger(__name__)
+MAX_UNREADABLE_FRACTION = 0.01  # a trial fails once more than 1% of a dataset cannot be decoded
 
 EMBEDDED_DATASETS = ("digits",)
 DIGITS_VAL_FRACTION = 0.2  # 1,437 train / 360 val, stratified, fixed seed
@@ -100,12 +114,42 @@ def check_image_folder(root: str | os.PathLike) -> None:
             raise DataError(f"dataset {str(root)!r}: train/ and val/ have different class folders")
 
 
-def _image_folder(root: str) -> tuple[Dataset, Dataset, int]:
-    from torchvision.datasets import ImageFolder
+class ReadableImageFolder(ImageFolder):
+    """torchvision's ImageFolder that skips images it cannot decode, and keeps to its root.
 
+    An undecodable image comes back as None (``collate_readable`` drops it and
+    counts it); a file that resolves outside the dataset root (a symlink) is refused.
+    """
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        top = os.path.realpath(os.path.dirname(os.path.abspath(root)))
+        for path, _ in self.samples:
+            if os.path.commonpath([top, os.path.realpath(path)]) != top:
+                raise DataError(f"dataset file {path!r} points outside the dataset root {top!r}")
+
+    def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+            logger.warning("skipping unreadable image %s: %s", self.samples[index][0], err)
+            return None
+
+
+def collate_readable(batch: list[Optional[tuple[Any, int]]]) -> tuple[Any, Any, int]:
+    """Default collation of the readable samples, and the count of skipped ones."""
+    readable = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(readable)
+    if not readable:
+        return None, None, skipped
+    images, targets = default_collate(readable)
+    return images, targets, skipped
+
+
+def _image_folder(root: str) -> tuple[Dataset, Dataset, int]:
     check_image_folder(root)
-    train = ImageFolder(os.path.join(root, "train"))
-    val = ImageFolder(os.path.join(root, "val"))
+    train = ReadableImageFolder(os.path.join(root, "train"))
+    val = ReadableImageFolder(os.path.join(root, "val"))
     return train, val, len(train.classes)
 
 

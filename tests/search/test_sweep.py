@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 import yaml
@@ -177,3 +178,123 @@ def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir):
     assert statuses == {bad_id: "FAILED", good_id: "FINISHED"}
     bad_run = next(c for c in children if c.data.tags["recipe_search.trial_id"] == bad_id)
     assert "diverged" in bad_run.data.tags["recipe_search.error"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_name):
+    """Kill (or Ctrl-C) the driver after its first trial, then resume: N trials, one study, one run each."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from search.monitor import read_state
+    from search.sweep import load_sweep_spec
+
+    space_file = workdir / "space.yaml"
+    space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
+    address = ray_session.get_runtime_context().gcs_address
+    command = [
+        sys.executable, "-m", "search.cli", "sweep", str(space_file), "--name", "killed", "--trials", "3",
+        "--searcher", "random", "--scheduler", "fifo", "--concurrency", "1", "--set", "schedule.epochs=3",
+        "--storage", str(workdir / "runs"), "--address", address, "--seed", "0",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    driver = subprocess.Popen(
+        command, cwd=workdir, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    sweep_dir = str(workdir / "runs" / "killed")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        state = read_state(sweep_dir) if os.path.exists(sweep_dir) else None
+        if state and any(r["status"] == "TERMINATED" for r in state["trials"].values()):
+            break
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    else:
+        pytest.fail("no trial finished in time")
+    driver.send_signal(getattr(signal, signal_name))
+    output, _ = driver.communicate(timeout=120)
+    if signal_name == "SIGINT":
+        # Ctrl-C: state saved, open runs KILLED, the exact resume command printed.
+        assert driver.returncode == 130, output
+        assert f"recipe-search resume {sweep_dir}" in output
+        _, parents, children = _runs("killed")
+        assert parents[0].info.status == "KILLED"
+        assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    finished_before = {t for t, r in read_state(sweep_dir)["trials"].items() if r["status"] == "TERMINATED"}
+
+    spec = load_sweep_spec(sweep_dir)
+    plan = plan_sweep(spec, resume=True)
+    state = run_sweep(plan, out=io.StringIO(), resume=True)
+    assert not state.get("interrupted")
+    assert len(state["trials"]) == 3
+    assert all(r["status"] == "TERMINATED" and r["epoch"] == 3 for r in state["trials"].values())
+    assert finished_before <= set(state["trials"])
+
+    searcher = PruneAwareOptunaSearch()
+    searcher.restore_from_dir(sweep_dir)
+    assert [t.state.name for t in searcher.study.trials] == ["COMPLETE"] * 3
+
+    client, parents, children = _runs("killed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["recipe_search.trial_id"] for c in children) == sorted(state["trials"])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/top1")]
+        assert sorted(steps) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("workers, victim", [(1, "ImplicitFunc"), (2, "RayTrainWorker")])
+def test_a_dead_worker_restarts_from_its_checkpoint(ray_session, workdir, workers, victim):
+    """Kill the process training a trial mid-way: the trial goes on from its last epoch's checkpoint."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    from search.monitor import read_state
+
+    spec = SweepSpec(
+        space=parse_space({"name": "one", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [0.1]}}}, "test"),
+        name=f"crash-{workers}",
+        overrides={"schedule.epochs": 5, "runtime.workers": workers},
+        trials=1,
+        searcher="random",
+        scheduler="fifo",
+        storage=str(workdir / "runs"),
+    )
+    plan = plan_sweep(spec)
+    killed = {}
+
+    def kill_when_training():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            state = read_state(plan.sweep_dir)
+            records = list((state or {}).get("trials", {}).values())
+            if records and (records[0].get("epoch") or 0) >= 2:
+                actors = list_actors(filters=[("class_name", "=", victim), ("state", "=", "ALIVE")])
+                if actors:
+                    killed["epoch"] = records[0]["epoch"]
+                    os.kill(actors[0].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    state = run_sweep(plan, out=io.StringIO())
+    killer.join()
+    assert killed, "the trial finished before a worker could be killed"
+    (record,) = state["trials"].values()
+    assert record["status"] == "TERMINATED" and record["epoch"] == 5
+    client, _, (child,) = _runs(plan.name)
+    assert child.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1")) == [1, 2, 3, 4, 5]
+    # Every epoch reached Tune once: the restart went on from the checkpoint, not from scratch.
+    import glob
+
+    (results,) = glob.glob(os.path.join(plan.sweep_dir, "run_trial_*", "result.json"))
+    with open(results) as f:
+        epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
+    assert epochs == [1, 2, 3, 4, 5]

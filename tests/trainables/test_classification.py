@@ -67,3 +67,44 @@ def test_batch_larger_than_the_data_is_an_error():
 
     with pytest.raises(RecipeError, match="exceeds"):
         _train(epochs=1, **{"optim.batch_size": 4096})
+
+
+def _image_folder(root, classes=("a", "b"), per_class=12, broken=0):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                color = (200 * index, 40 + 10 * i, 100)
+                Image.new("RGB", (20, 20), color).save(folder / f"{i}.png")
+    for i in range(broken):
+        (root / "train" / classes[0] / f"broken{i}.png").write_bytes(b"not a png")
+    return root
+
+
+def test_image_folder_trains_and_counts_skipped_images(tmp_path):
+    root = _image_folder(tmp_path / "data", per_class=60, broken=1)  # 1 of 241 images: under 1%
+    session = _train(epochs=1, **{"data.name": str(root), "data.fraction": 1.0, "optim.batch_size": 16})
+    assert session.reports[-1]["data/skipped"] == 1
+    assert 0.0 <= session.reports[-1]["val/top1"] <= 1.0
+
+
+def test_a_dataset_with_too_many_unreadable_images_fails(tmp_path):
+    from spaces import DataError
+
+    root = _image_folder(tmp_path / "data", per_class=10, broken=3)
+    with pytest.raises(DataError, match="could not be decoded"):
+        _train(epochs=1, **{"data.name": str(root), "data.fraction": 1.0, "optim.batch_size": 8})
+
+
+def test_a_dataset_file_outside_the_root_is_refused(tmp_path):
+    from spaces import DataError
+
+    root = _image_folder(tmp_path / "data", per_class=4)
+    outside = tmp_path / "secret.png"
+    (root / "train" / "a" / "0.png").rename(outside)
+    (root / "train" / "a" / "0.png").symlink_to(outside)
+    with pytest.raises(DataError, match="outside the dataset root"):
+        _train(epochs=1, **{"data.name": str(root), "data.fraction": 1.0, "optim.batch_size": 4})
