@@ -53,9 +53,10 @@ class SweepMonitor(Callback):
     Args:
         sweep_dir: where ``state.json`` goes.
         name, num_samples, metric, mode: the sweep's identity and objective.
-        recipe_of: the resolved recipe of a trial.
+        recipe_of: the resolved recipe of a trial's sampled config.
         run_id_of: the MLflow run id of a trial id (None when not tracked).
         out: where progress lines go (stdout by default).
+        resumed: a resumed sweep: records of trials the restored experiment does not know are dropped.
     """
 
     def __init__(
@@ -65,14 +66,16 @@ class SweepMonitor(Callback):
         num_samples: int,
         metric: str,
         mode: str,
-        recipe_of: Callable[[Trial], Recipe],
+        recipe_of: Callable[[dict[str, Any]], Recipe],
         run_id_of: Callable[[str], Optional[str]],
         out: Optional[TextIO] = None,
+        resumed: bool = False,
     ) -> None:
         self.sweep_dir = sweep_dir
         self.metric = metric
         self.mode = mode
         self.recipe_of = recipe_of
+        self.resumed = resumed
         self.run_id_of = run_id_of
         self.out = out or sys.stdout
         self.started = time.time()
@@ -142,19 +145,40 @@ class SweepMonitor(Callback):
             line += f": {self.metric}={value:.4f}"
             best = self.state["best"]
             if better(value, best["value"] if best else None, self.mode):
-                recipe = self.recipe_of(trial)
-                self.state["best"] = {
-                    "trial_id": trial.trial_id,
-                    "metric": self.metric,
-                    "mode": self.mode,
-                    "value": value,
-                    "epoch": result.get("epoch"),
-                    "mlflow_run_id": self.run_id_of(trial.trial_id),
-                    "recipe": recipe.model_dump(mode="json"),
-                }
+                self._set_best(trial.trial_id, record, value)
                 line += " (best so far)"
         self._save()
         self._print(line)
+
+    def _set_best(self, trial_id: str, record: dict[str, Any], value: float) -> None:
+        self.state["best"] = {
+            "trial_id": trial_id,
+            "metric": self.metric,
+            "mode": self.mode,
+            "value": value,
+            "epoch": record.get("epoch"),
+            "mlflow_run_id": self.run_id_of(trial_id),
+            "recipe": self.recipe_of(record["config"]).model_dump(mode="json"),
+        }
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if not self.resumed:
+            return
+        # Tune saves its experiment state every few seconds: a trial started after the last
+        # save (then killed) is unknown to the restored experiment and is asked for anew.
+        self.resumed = False
+        known = {t.trial_id for t in trials}
+        for trial_id in [t for t in self.state["trials"] if t not in known]:
+            del self.state["trials"][trial_id]
+        best = self.state["best"]
+        if best and best["trial_id"] not in known:
+            self.state["best"] = None
+            for trial_id, record in self.state["trials"].items():
+                value = (record.get("metrics") or {}).get(self.metric)
+                if record["status"] == "TERMINATED" and isinstance(value, (int, float)) and math.isfinite(value):
+                    if better(value, self.state["best"]["value"] if self.state["best"] else None, self.mode):
+                        self._set_best(trial_id, record, value)
+        self._save()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._failed(trial, trial_error(trial))

@@ -283,8 +283,8 @@ def _fit_concurrency(plan: SweepPlan) -> int:
 
 
 def _recipe_of(plan: SweepPlan):
-    def recipe_of(trial) -> Recipe:
-        return resolve_recipe(plan.base, trial.config, plan.overrides)
+    def recipe_of(config: dict[str, Any]) -> Recipe:
+        return resolve_recipe(plan.base, config, plan.overrides)
 
     return recipe_of
 
@@ -382,6 +382,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         recipe_of=recipe_of,
         metric=plan.space.metric,
         mode=plan.space.mode,
+        resumed=resume,
     )
     monitor = SweepMonitor(
         plan.sweep_dir,
@@ -392,6 +393,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         recipe_of=recipe_of,
         run_id_of=lambda trial_id: tracker.run_ids.get(trial_id),
         out=out,
+        resumed=resume,
     )
     verb = "resuming" if resume else "sweep"
     print(f"{verb} {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)

@@ -63,8 +63,9 @@ class MlflowTracking(Callback):
         sweep_dir: the sweep's directory; holds the trial -> run map.
         sweep_params: logged on the parent run (space, searcher, scheduler, budget).
         recipe_name: the base recipe, tagged ``recipe_search.recipe`` on each trial run.
-        recipe_of: the resolved recipe of a trial (the same function the trials use).
+        recipe_of: the resolved recipe of a trial's sampled config (the function the trials use).
         metric, mode: the sweep's objective, for the parent run's best value.
+        resumed: a resumed sweep: runs of trials the restored experiment does not know are deleted.
     """
 
     def __init__(
@@ -74,9 +75,10 @@ class MlflowTracking(Callback):
         sweep_dir: str,
         sweep_params: dict[str, Any],
         recipe_name: str,
-        recipe_of: Callable[[Trial], Recipe],
+        recipe_of: Callable[[dict[str, Any]], Recipe],
         metric: str,
         mode: str,
+        resumed: bool = False,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.sweep_name = sweep_name
@@ -84,6 +86,7 @@ class MlflowTracking(Callback):
         self.sweep_params = sweep_params
         self.recipe_name = recipe_name
         self.recipe_of = recipe_of
+        self.resumed = resumed
         self.metric = metric
         self.mode = mode
         self.client = MlflowClient(tracking_uri)
@@ -132,11 +135,23 @@ class MlflowTracking(Callback):
                 self.client.log_batch(self.parent_run_id, params=params[i : i + _MLFLOW_BATCH // 2])
         self._save_map()
 
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if not self.resumed:
+            return
+        # A trial started after Tune's last experiment save is asked for anew on resume:
+        # its run would be an orphan.
+        self.resumed = False
+        known = {t.trial_id for t in trials}
+        for trial_id in [t for t in self.run_ids if t not in known]:
+            self.client.delete_run(self.run_ids.pop(trial_id))
+            self.last_steps.pop(trial_id, None)
+        self._save_map()
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if trial.trial_id in self.run_ids:
             self.client.update_run(self.run_ids[trial.trial_id], status="RUNNING")
             return
-        recipe = self.recipe_of(trial)
+        recipe = self.recipe_of(trial.config)
         run = self.client.create_run(
             self.experiment_id,
             run_name=str(trial),
@@ -203,9 +218,11 @@ class MlflowTracking(Callback):
         self.client.log_artifact(self.parent_run_id, recipe_path)
 
     def close_interrupted(self) -> None:
-        """Mark the parent and every run still open KILLED (the driver was interrupted)."""
-        for run_id in [*self.run_ids.values(), self.parent_run_id]:
-            if run_id and self.client.get_run(run_id).info.status == "RUNNING":
+        """The driver was interrupted: the parent and every run still open are KILLED."""
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status="KILLED")
+        for run_id in self.run_ids.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_terminated(run_id, status="KILLED")
 
 
