@@ -63,6 +63,8 @@ BAD_INPUT = [
     (["sweep", "--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
     (["sweep", "--address", "127.0.0.1:9"], "does not answer"),
     (["train", "nope"], "unknown recipe 'nope'"),
+    (["train", "rsb-digits", "--set", "optim.lr=-0.1"], "optim.lr: input should be greater than 0, but got -0.1"),
+    (["resume", "nope"], "no sweep 'nope'"),
     (["recipes", "nope"], "unknown recipe 'nope'"),
     (["status", "nope"], "no sweep 'nope'"),
     (["best", "nope"], "no sweep 'nope'"),
@@ -84,6 +86,10 @@ def test_malformed_space_and_status_on_a_folder_that_is_not_a_sweep(workdir):
     (workdir / "bad.yaml").write_text("name: x\nrecipe: rsb-digits\nparams:\n  optim.lr: {loguniform: [0.1, 0.001]}\n")
     result = run(["sweep", "bad.yaml"], workdir)
     assert result.returncode == 2 and "low < high" in result.stderr
-    (workdir / "plain").mkdir()
-    result = run(["status", "plain"], workdir)
-    assert result.returncode == 2 and "not a sweep directory" in result.stderr
+    (workdir / "plain" / "train").mkdir(parents=True)
+    (workdir / "plain" / "val").mkdir()
+    for command in (["status", "plain"], ["resume", "plain"]):
+        result = run(command, workdir)
+        assert result.returncode == 2 and "not a sweep directory" in result.stderr
+    result = run(["train", "rsb-digits", "--data", "plain"], workdir)
+    assert result.returncode == 2 and "has no class folders" in result.stderr
