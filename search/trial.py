@@ -16,6 +16,9 @@ __all__ = ["LAUNCHERS", "run_trial", "trial_resources", "uses_ray_train"]
 
 # auto: Ray Train only when a trial has several workers; train: always Ray Train.
 LAUNCHERS = ("auto", "train")
+# A trial whose recipe fails deterministically ends with a last result holding these.
+FAILED_KEY = "trial_failed"
+ERROR_KEY = "trial_error"
 
 
 def uses_ray_train(recipe: Recipe, launcher: str = "auto") -> bool:
@@ -32,12 +35,23 @@ def trial_resources(recipe: Recipe, launcher: str = "auto") -> dict[str, float]:
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
     from trainables import TrainSession, train_classifier
 
-    train_classifier(config["recipe"], TrainSession())
+    try:
+        train_classifier(config["recipe"], TrainSession())
+    except RecipeSearchError as err:
+        # Every worker raises at the same step (divergence is checked collectively); reporting
+        # instead of raising keeps Ray Train from restarting a recipe that fails the same way.
+        ray.train.report(_failure(config["metric"], err))
 
 
-def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_failures: int) -> None:
+def _failure(metric: str, err: RecipeSearchError) -> dict[str, Any]:
+    return {metric: float("nan"), FAILED_KEY: 1, ERROR_KEY: f"{type(err).__name__}: {err}"}
+
+
+def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_failures: int, metric: str) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -48,7 +62,7 @@ def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_fa
         resources["GPU"] = runtime.gpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"recipe": recipe.model_dump(mode="json")},
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "metric": metric},
         scaling_config=ScalingConfig(
             num_workers=runtime.workers, use_gpu=runtime.gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -62,10 +76,6 @@ def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_fa
         ),
     )
     trainer.fit()
-
-
-FAILED_KEY = "trial_failed"
-ERROR_KEY = "trial_error"
 
 
 def run_trial(
@@ -92,10 +102,10 @@ def run_trial(
         recipe = resolve_recipe(base, config, overrides)
         if uses_ray_train(recipe, launcher):
             trial_id = tune.get_context().get_trial_id()
-            _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures)
+            _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures, metric)
         else:
             from trainables import TuneSession, train_classifier
 
             train_classifier(recipe, TuneSession())
     except RecipeSearchError as err:
-        tune.report({metric: float("nan"), FAILED_KEY: 1, ERROR_KEY: f"{type(err).__name__}: {err}"})
+        tune.report(_failure(metric, err))

@@ -212,6 +212,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe:
     }
 
 
+def _diverged(loss: torch.Tensor, world_size: int) -> bool:
+    """Whether the loss is NaN or infinite on any worker: all workers stop at the same step."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if world_size > 1:
+        dist.all_reduce(bad)  # one float beside the gradient all-reduce; a lone stop would hang the others
+    return bool(bad.item())
+
+
 @dataclass
 class _State:
     model: nn.Module
@@ -367,9 +375,9 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(recipe, device):
                 loss = loss_fn(model(images), targets)
-            if not torch.isfinite(loss):
+            if _diverged(loss, session.world_size):
                 raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
+                    f"loss became {'non-finite' if torch.isfinite(loss) else loss.item()} at epoch {epoch + 1}, step {step + 1}: "
                     f"the recipe diverged (optim.name={recipe.optim.name}, optim.lr={recipe.optim.lr:g})"
                 )
             optimizer.zero_grad(set_to_none=True)

@@ -145,12 +145,13 @@ def test_train_runs_one_recipe_tracked_like_a_sweep(ray_session, workdir):
     assert children[0].data.params["optim.lr"] == "0.1"
 
 
-def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir, workers):
     space = {"name": "diverge", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [100.0, 0.1]}}}
     spec = SweepSpec(
         space=parse_space(space, "test"),
-        name="diverge",
-        overrides={"optim.name": "momentum", "optim.weight_decay": 0.0, "schedule.epochs": 2},
+        name=f"diverge-{workers}",
+        overrides={"optim.name": "momentum", "optim.weight_decay": 0.0, "schedule.epochs": 2, "runtime.workers": workers},
         trials=2,
         searcher="random",  # seed 0 draws 0.1, then 100.0
         scheduler="fifo",
@@ -173,7 +174,7 @@ def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir):
     searcher = PruneAwareOptunaSearch()
     searcher.restore_from_dir(plan.sweep_dir)
     assert sorted(t.state.name for t in searcher.study.trials) == ["COMPLETE", "FAIL"]
-    client, _, children = _runs("diverge")
+    client, _, children = _runs(plan.name)
     statuses = {c.data.tags["recipe_search.trial_id"]: c.info.status for c in children}
     assert statuses == {bad_id: "FAILED", good_id: "FINISHED"}
     bad_run = next(c for c in children if c.data.tags["recipe_search.trial_id"] == bad_id)
