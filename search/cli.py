@@ -176,6 +176,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Trials by state and the best so far (also while the sweep runs)."""
+    from search.monitor import driver_gone, read_state
     from search.results import find_sweep, sweep_status, trial_rows
 
     sweep_dir = find_sweep(sweep_name, storage)
@@ -184,6 +185,8 @@ def status(
         print(json.dumps(info, indent=1))
         return
     print(f"sweep {info['name']} ({info['path']}): " + ", ".join(f"{n} {s.lower()}" for s, n in info["trials"].items()))
+    if driver_gone(read_state(sweep_dir)):
+        print(f"  its driver has stopped: recipe-search resume {sweep_dir}")
     for row in trial_rows(sweep_dir):
         metric = [k for k in row if k not in ("trial_id", "status", "epoch", "error")][0]
         value = row[metric]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional, TextIO
@@ -111,6 +112,7 @@ class SweepMonitor(Callback):
 
     def setup(self, **info: Any) -> None:
         self.started = time.time()
+        self.state["driver"] = {"host": socket.gethostname(), "pid": os.getpid()}
         self._save()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -202,6 +204,20 @@ class SweepMonitor(Callback):
             if record["status"] == "RUNNING":
                 record["status"] = "PENDING"
         self._save()
+
+
+def driver_gone(state: dict[str, Any]) -> bool:
+    """Whether an unfinished sweep's driver is known to have stopped (checked on its own host only)."""
+    driver = state.get("driver") or {}
+    if state.get("finished") or driver.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+    return False
 
 
 def count_states(state: dict[str, Any]) -> dict[str, int]:

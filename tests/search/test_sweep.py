@@ -224,6 +224,8 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
         assert parents[0].info.status == "KILLED"
         assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     finished_before = {t for t, r in read_state(sweep_dir)["trials"].items() if r["status"] == "TERMINATED"}
+    shown = CliRunner().invoke(app, ["status", sweep_dir])
+    assert f"its driver has stopped: recipe-search resume {sweep_dir}" in shown.output
 
     spec = load_sweep_spec(sweep_dir)
     plan = plan_sweep(spec, resume=True)
