@@ -27,7 +27,7 @@ from search.tracking import trial_error
 
 __all__ = ["STATE_FILE", "SweepMonitor", "read_state", "better"]
 
-STATE_FILE = "state.json"
+STATE_FILE = "recipe-search/state.json"  # see search.sweep.META_DIR
 
 
 def better(value: float, than: Optional[float], mode: str) -> bool:
@@ -98,6 +98,7 @@ class SweepMonitor(Callback):
 
     def _save(self) -> None:
         path = os.path.join(self.sweep_dir, STATE_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.state, f, indent=1, default=str)

@@ -34,7 +34,11 @@ from spaces import (
 
 __all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "run_sweep", "init_ray", "SPEC_FILE", "BEST_RECIPE_FILE", "LOG_FILE"]
 
-SPEC_FILE = "sweep.json"
+# The sweep's own files live in a subfolder: on resume, Tune copies the top-level .json
+# files of the experiment folder to its staging folder and syncs them back over and over,
+# which would overwrite these with the copies it took at restore time.
+META_DIR = "recipe-search"
+SPEC_FILE = f"{META_DIR}/sweep.json"
 BEST_RECIPE_FILE = "best_recipe.yaml"
 LOG_FILE = "ray.log"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -359,6 +363,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
     out = out or sys.stdout
     os.makedirs(plan.sweep_dir, exist_ok=True)
     if not resume:
+        os.makedirs(os.path.join(plan.sweep_dir, META_DIR), exist_ok=True)
         with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
             json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri}, f, indent=1)
     _route_ray_logs(plan.sweep_dir)

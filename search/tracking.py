@@ -25,7 +25,7 @@ from spaces import Recipe, SweepError, flatten, recipe_to_yaml
 __all__ = ["DEFAULT_TRACKING_URI", "resolve_tracking_uri", "MlflowTracking", "RUNS_FILE"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RUNS_FILE = "mlflow_runs.json"
+RUNS_FILE = "recipe-search/mlflow_runs.json"  # see search.sweep.META_DIR
 TAG_TRIAL = "recipe_search.trial_id"
 TAG_SWEEP = "recipe_search.sweep"
 TAG_RECIPE = "recipe_search.recipe"
@@ -101,6 +101,7 @@ class MlflowTracking(Callback):
         return os.path.join(self.sweep_dir, RUNS_FILE)
 
     def _save_map(self) -> None:
+        os.makedirs(os.path.dirname(self._runs_path), exist_ok=True)
         tmp = self._runs_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(
@@ -123,6 +124,11 @@ class MlflowTracking(Callback):
         self._load_map()
         experiment = self.client.get_experiment_by_name(self.sweep_name)
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.sweep_name)
+        if self.parent_run_id is None and self.resumed:
+            # Killed before the map was first saved: the parent is the untagged-trial run of the sweep.
+            for run in self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{self.sweep_name}'"):
+                if TAG_TRIAL not in run.data.tags:
+                    self.parent_run_id = run.info.run_id
         if self.parent_run_id:
             self.client.update_run(self.parent_run_id, status="RUNNING")  # a resumed sweep reopens its parent
         else:
@@ -138,12 +144,22 @@ class MlflowTracking(Callback):
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if not self.resumed:
             return
-        # A trial started after Tune's last experiment save is asked for anew on resume:
-        # its run would be an orphan.
+        # The map is checked against the runs' tags: a driver killed between creating a run
+        # and saving the map leaves a run the map does not name, and a trial started after
+        # Tune's last experiment save is asked for anew on resume, leaving an orphan run.
         self.resumed = False
         known = {t.trial_id for t in trials}
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{self.sweep_name}'", max_results=50_000
+        )
+        for run in runs:
+            trial_id = run.data.tags.get(TAG_TRIAL)
+            if trial_id is None:
+                continue  # the parent
+            if trial_id not in known or self.run_ids.setdefault(trial_id, run.info.run_id) != run.info.run_id:
+                self.client.delete_run(run.info.run_id)
         for trial_id in [t for t in self.run_ids if t not in known]:
-            self.client.delete_run(self.run_ids.pop(trial_id))
+            self.run_ids.pop(trial_id)
             self.last_steps.pop(trial_id, None)
         self._save_map()
 
@@ -163,6 +179,8 @@ class MlflowTracking(Callback):
             },
         )
         run_id = run.info.run_id
+        self.run_ids[trial.trial_id] = run_id
+        self._save_map()
         params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(recipe.model_dump(mode="json")).items()]
         for i in range(0, len(params), _MLFLOW_BATCH // 2):
             self.client.log_batch(run_id, params=params[i : i + _MLFLOW_BATCH // 2])
@@ -171,8 +189,6 @@ class MlflowTracking(Callback):
             with open(path, "w") as f:
                 f.write(recipe_to_yaml(recipe))
             self.client.log_artifact(run_id, path)
-        self.run_ids[trial.trial_id] = run_id
-        self._save_map()
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)

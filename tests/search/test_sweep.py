@@ -239,6 +239,10 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     searcher.restore_from_dir(sweep_dir)
     assert [t.state.name for t in searcher.study.trials] == ["COMPLETE"] * 3
 
+    from search.tracking import RUNS_FILE
+
+    with open(os.path.join(sweep_dir, RUNS_FILE)) as f:
+        assert sorted(json.load(f)["trials"]) == sorted(state["trials"])  # the map Tune's syncs must not revert
     client, parents, children = _runs("killed")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["recipe_search.trial_id"] for c in children) == sorted(state["trials"])
