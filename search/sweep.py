@@ -386,7 +386,6 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         recipe_name=plan.space.recipe,
         recipe_of=recipe_of,
         metric=plan.space.metric,
-        mode=plan.space.mode,
         resumed=resume,
     )
     monitor = SweepMonitor(

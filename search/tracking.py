@@ -64,7 +64,7 @@ class MlflowTracking(Callback):
         sweep_params: logged on the parent run (space, searcher, scheduler, budget).
         recipe_name: the base recipe, tagged ``recipe_search.recipe`` on each trial run.
         recipe_of: the resolved recipe of a trial's sampled config (the function the trials use).
-        metric, mode: the sweep's objective, for the parent run's best value.
+        metric: the sweep's objective, for the parent run's best value.
         resumed: a resumed sweep: runs of trials the restored experiment does not know are deleted.
     """
 
@@ -77,7 +77,6 @@ class MlflowTracking(Callback):
         recipe_name: str,
         recipe_of: Callable[[dict[str, Any]], Recipe],
         metric: str,
-        mode: str,
         resumed: bool = False,
     ) -> None:
         self.tracking_uri = tracking_uri
@@ -88,7 +87,6 @@ class MlflowTracking(Callback):
         self.recipe_of = recipe_of
         self.resumed = resumed
         self.metric = metric
-        self.mode = mode
         self.client = MlflowClient(tracking_uri)
         self.parent_run_id: Optional[str] = None
         self.run_ids: dict[str, str] = {}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from search.algorithms import PruneAwareOptunaSearch
 from search.cli import app
 from search.sweep import BEST_RECIPE_FILE, SweepSpec, plan_sweep, run_sweep
-from spaces import known_keys, load_recipe_file, parse_space, validate_recipe, Recipe
+from spaces import Recipe, known_keys, parse_space, resolve_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_sweep_in_tune_trials_stops_early_tracks_and_exports_best(ray_session, w
     assert result.exit_code == 0, result.output
     best = json.loads(result.output)
     assert set(best) == {"trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe"}
-    recipe = validate_recipe(load_recipe_file(best_yaml) and yaml.safe_load(best_yaml.read_text()))
+    recipe = resolve_recipe(str(best_yaml))  # a recipe file, read and validated like any other
     assert recipe == Recipe.model_validate(best["recipe"])
     assert recipe.optim.lr == 0.1  # the good choice won
     assert (workdir / "runs" / "e2e" / BEST_RECIPE_FILE).exists()
