@@ -36,7 +36,7 @@ UNKNOWN = "unknown {what} {name!r}; available: {available}"
 class SearcherSpec:
     name: str
     description: str
-    make_sampler: Callable[[Optional[int]], optuna.samplers.BaseSampler]
+    make_sampler: Callable[[Optional[int], int], optuna.samplers.BaseSampler]  # (seed, trials) -> sampler
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,24 @@ class SchedulerSpec:
     make: Callable[[int, int], TrialScheduler]  # (max_t, grace_period) -> scheduler
 
 
+def tpe_startup_trials(trials: int) -> int:
+    """Random trials before TPE models the results: Optuna's 10, or a quarter of a smaller budget.
+
+    With Optuna's default a 12-trial sweep would be a random search with two modelled trials.
+    """
+    return min(10, max(3, trials // 4))
+
+
+def _tpe(seed: Optional[int], trials: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=tpe_startup_trials(trials))
+
+
 SEARCHERS: dict[str, SearcherSpec] = {
     s.name: s
     for s in (
-        SearcherSpec("tpe", "Optuna TPE (Bergstra et al. 2011), multivariate", lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)),
-        SearcherSpec("random", "Optuna random sampling", lambda seed: optuna.samplers.RandomSampler(seed=seed)),
-        SearcherSpec("cmaes", "Optuna CMA-ES for numeric keys; categorical keys sampled at random", lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)),
+        SearcherSpec("tpe", "Optuna TPE (Bergstra et al. 2011), multivariate", _tpe),
+        SearcherSpec("random", "Optuna random sampling", lambda seed, trials: optuna.samplers.RandomSampler(seed=seed)),
+        SearcherSpec("cmaes", "Optuna CMA-ES for numeric keys; categorical keys sampled at random", lambda seed, trials: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)),
     )
 }
 
@@ -122,12 +134,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-def build_searcher(name: str, space_fn: Callable, metric: str, mode: str, seed: Optional[int]) -> PruneAwareOptunaSearch:
+def build_searcher(name: str, space_fn: Callable, metric: str, mode: str, seed: Optional[int], trials: int,
+                   points_to_evaluate: Optional[list[dict]] = None) -> PruneAwareOptunaSearch:
     spec = _known("searcher", SEARCHERS, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's multivariate/group
-        sampler = spec.make_sampler(seed)
-    return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=sampler)
+        sampler = spec.make_sampler(seed, trials)
+    return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate)
 
 
 def build_scheduler(name: str, max_t: int, grace_period: int) -> TrialScheduler:

@@ -318,7 +318,7 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     searcher = None
     if spec.searcher is not None:
-        searcher = build_searcher(spec.searcher, define_by_run(plan.space, {**plan.base, **plan.overrides}), plan.space.metric, plan.space.mode, spec.seed)
+        searcher = build_searcher(spec.searcher, define_by_run(plan.space, {**plan.base, **plan.overrides}), plan.space.metric, plan.space.mode, spec.seed, spec.trials)
     tune_config = tune.TuneConfig(
         metric=plan.space.metric,
         mode=plan.space.mode,
