@@ -23,7 +23,7 @@ from ray.tune.schedulers import (
 )
 from ray.tune.search.optuna import OptunaSearch
 
-from spaces import SweepError
+from spaces import Space, SpaceError, SweepError
 
 __all__ = ["SEARCHERS", "SCHEDULERS", "PruneAwareOptunaSearch", "build_searcher", "build_scheduler", "ran_to_completion"]
 
@@ -36,7 +36,7 @@ UNKNOWN = "unknown {what} {name!r}; available: {available}"
 class SearcherSpec:
     name: str
     description: str
-    make_sampler: Callable[[Optional[int], int], optuna.samplers.BaseSampler]  # (seed, trials) -> sampler
+    make_sampler: Callable[[Optional[int], int, Space], optuna.samplers.BaseSampler]  # (seed, trials, space) -> sampler
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,22 @@ def tpe_startup_trials(trials: int) -> int:
     return min(10, max(3, trials // 4))
 
 
-def _tpe(seed: Optional[int], trials: int) -> optuna.samplers.BaseSampler:
+def grid_points(space: Space) -> int:
+    """How many points a grid over ``space`` has; every param must be a plain choice."""
+    size = 1
+    for key, param in space.params.items():
+        if param.kind != "choice" or param.when or param.format:
+            raise SpaceError(f"searcher grid takes choice params without when/format, but {key} is {param.kind}")
+        size *= len(param.choices)
+    return size
+
+
+def _grid(seed: Optional[int], trials: int, space: Space) -> optuna.samplers.BaseSampler:
+    grid_points(space)
+    return optuna.samplers.GridSampler({k: p.choices for k, p in space.params.items()}, seed=seed)
+
+
+def _tpe(seed: Optional[int], trials: int, space: Space) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=tpe_startup_trials(trials))
 
 
@@ -62,8 +77,9 @@ SEARCHERS: dict[str, SearcherSpec] = {
     s.name: s
     for s in (
         SearcherSpec("tpe", "Optuna TPE (Bergstra et al. 2011), multivariate", _tpe),
-        SearcherSpec("random", "Optuna random sampling", lambda seed, trials: optuna.samplers.RandomSampler(seed=seed)),
-        SearcherSpec("cmaes", "Optuna CMA-ES for numeric keys; categorical keys sampled at random", lambda seed, trials: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)),
+        SearcherSpec("grid", "every combination of the space's choices once (studies); --trials is the grid size", _grid),
+        SearcherSpec("random", "Optuna random sampling", lambda seed, trials, space: optuna.samplers.RandomSampler(seed=seed)),
+        SearcherSpec("cmaes", "Optuna CMA-ES for numeric keys; categorical keys sampled at random", lambda seed, trials, space: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)),
     )
 }
 
@@ -89,9 +105,18 @@ def check_names(searcher: str, scheduler: str) -> None:
     _known("scheduler", SCHEDULERS, scheduler)
 
 
+def progress(result: Optional[dict[str, Any]]) -> tuple[int, Optional[int], str]:
+    """(done, total, unit) of a result: epochs for classification, iterations for detection."""
+    result = result or {}
+    if "iterations" in result:
+        return int(result.get("iteration") or 0), result["iterations"], "iteration"
+    return int(result.get("epoch") or 0), result.get("epochs"), "epoch"
+
+
 def ran_to_completion(result: Optional[dict[str, Any]]) -> bool:
-    """Whether a trial's last result is its final epoch (not cut short by a scheduler)."""
-    return bool(result) and result.get("epoch", 0) >= result.get("epochs", math.inf)
+    """Whether a trial's last result is its final epoch or iteration (not cut short by a scheduler)."""
+    done, total, _ = progress(result)
+    return bool(result) and done >= (total if total is not None else math.inf)
 
 
 class PruneAwareOptunaSearch(OptunaSearch):
@@ -139,7 +164,7 @@ def build_searcher(name: str, space_fn: Callable, metric: str, mode: str, seed: 
     spec = _known("searcher", SEARCHERS, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's multivariate/group
-        sampler = spec.make_sampler(seed, trials)
+        sampler = spec.make_sampler(seed, trials, space_fn.space)
     return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate)
 
 

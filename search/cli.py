@@ -102,7 +102,7 @@ def sweep(
     space: str = typer.Argument("rsb", help=f"a space preset ({', '.join(space_names())}) or a YAML file"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep name (MLflow experiment) [default: SPACE-TIME]"),
     trials: int = typer.Option(12, "--trials", help="number of trials"),
-    searcher: str = typer.Option("tpe", "--searcher", help="tpe, random or cmaes (Optuna samplers)"),
+    searcher: str = typer.Option("tpe", "--searcher", help="tpe, random, cmaes or grid (Optuna samplers)"),
     scheduler: str = typer.Option("asha", "--scheduler", help="asha, hyperband, median or fifo"),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="max trials at once [default: what the cluster fits]"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers per trial (DDP when > 1)"),
@@ -115,7 +115,7 @@ def sweep(
     tracking_uri: Optional[str] = TrackingOption,
     address: Optional[str] = AddressOption,
     seed: int = typer.Option(0, "--seed", help="seed of the searcher"),
-    grace_period: int = typer.Option(3, "--grace-period", help="epochs every trial gets before early stopping"),
+    grace_period: int = typer.Option(3, "--grace-period", help="epochs (detection: evaluations) every trial gets before early stopping"),
 ) -> None:
     """Search a recipe space: Optuna proposes, ASHA stops weak trials early, MLflow records every trial."""
     from search.sweep import SweepSpec
@@ -188,10 +188,10 @@ def status(
     if driver_gone(read_state(sweep_dir)):
         print(f"  its driver has stopped: recipe-search resume {sweep_dir}")
     for row in trial_rows(sweep_dir):
-        metric = [k for k in row if k not in ("trial_id", "status", "epoch", "error")][0]
+        metric = [k for k in row if k not in ("trial_id", "status", "epoch", "unit", "error")][0]
         value = row[metric]
         shown = f"{metric}={value:.4f}" if isinstance(value, float) else ""
-        print(f"  {row['trial_id']}  {row['status']:<28} epoch {row['epoch']:<7} {shown} {row['error'] or ''}".rstrip())
+        print(f"  {row['trial_id']}  {row['status']:<28} {row['unit']} {row['epoch']:<9} {shown} {row['error'] or ''}".rstrip())
     best = info["best"]
     if best:
         print(f"best: trial {best['trial_id']} {best['metric']}={best['value']:.4f}")
@@ -237,7 +237,7 @@ def recipes(
             return
         for preset in recipe_names():
             base, _, description = RECIPE_PRESETS[preset]
-            print(f"{preset:<12} {description}" + (f" [base: {base}]" if base else ""))
+            print(f"{preset:<34} {description}" + (f" [base: {base}]" if base else ""))
         return
     recipe = resolve_recipe(name, parse_overrides(sets or []))
     if as_json:
@@ -252,12 +252,84 @@ def spaces_(name: Optional[str] = typer.Argument(None, help="a space preset name
     if name is None:
         for preset in space_names():
             space = load_space(preset)
-            print(f"{preset:<8} on {space.recipe}: {space.description}")
+            print(f"{preset:<10} on {space.recipe}: {space.description}")
         return
     space = load_space(name)
     space.check()
     path = SPACES_DIR / f"{name}.yaml"
     print(path.read_text().rstrip() if path.is_file() else yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+@app.command()
+def study(
+    which: str = typer.Argument(..., metavar="STUDY", help="rethinking: scratch vs pretrained detectors (Rethinking ImageNet Pre-training)"),
+    schedules: str = typer.Option("1,2", "--schedules", help="schedule multipliers of the recipe, comma-separated"),
+    fractions: str = typer.Option("1.0", "--fractions", help="training-data fractions, comma-separated (less-data study)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="base detection recipe [default: scratch-det-digits]"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="backbone checkpoint of the pretrained arm [default on digits-det: an upstream run on digits]"),
+    name: Optional[str] = typer.Option(None, "--name", help="study name (MLflow experiment) [default: STUDY-TIME]"),
+    data: Optional[str] = typer.Option(None, "--data", help="'digits-det' or a COCO root (annotations/instances_train*.json, train*/, val*/)"),
+    sets: list[str] = SetOption,
+    workers: Optional[int] = typer.Option(None, "--workers"),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    storage: str = StorageOption,
+    tracking_uri: Optional[str] = TrackingOption,
+    address: Optional[str] = AddressOption,
+) -> None:
+    """Paired scratch and pretrained trials on the same data and budgets; AP-vs-iterations plot and table in MLflow."""
+    from search.study import STUDIES, rethinking_spec, study_report
+    from search.sweep import SweepSpec, plan_sweep, run_sweep
+
+    if which not in STUDIES:
+        _fail(f"unknown study {which!r}; available: {', '.join(STUDIES)}")
+    overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    if pretrained:
+        overrides["model.pretrained"] = pretrained
+    spec = SweepSpec(
+        space="rethinking", name=name or f"{which}-{time.strftime('%Y%m%d-%H%M%S')}", recipe=recipe, overrides=overrides,
+        storage=storage, tracking_uri=tracking_uri, address=address,
+    )
+    spec = rethinking_spec(spec, _numbers(schedules, "--schedules"), _numbers(fractions, "--fractions"))
+    plan = plan_sweep(spec)
+    started = time.time()
+    state = run_sweep(plan)
+    if state.get("interrupted"):
+        print(f"\nstudy {plan.name} interrupted; resume it with: recipe-search resume {plan.sweep_dir}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    report = study_report(plan.sweep_dir, state, plan.tracking_uri, plan.space.metric)
+    print(f"\nstudy {plan.name} done in {(time.time() - started) / 60:.1f} min")
+    print(report["table"])
+    print(f"AP vs iterations: {report['plot']} (also in MLflow, parent run of experiment {plan.name}, artifacts study/)")
+    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"{flag} takes comma-separated numbers, e.g. 1,2; got {text!r}")
+        raise
+
+
+@app.command(name="coco-eval")
+def coco_eval(
+    ground_truth: str = typer.Argument(..., metavar="GT.json", help="COCO ground truth (images, annotations, categories)"),
+    detections: str = typer.Argument(..., metavar="DETS.json", help="COCO results: a list of {image_id, category_id, score, bbox|segmentation}"),
+    iou_type: str = typer.Option("bbox", "--iou-type", help="bbox or segm"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """COCO AP of a detection result file, with pycocotools (the numbers sweeps report as val/...)."""
+    from trainables.coco import IOU_TYPES, evaluate_files
+
+    if iou_type not in IOU_TYPES:
+        _fail(f"--iou-type must be one of {', '.join(IOU_TYPES)}, but got {iou_type!r}")
+    metrics = evaluate_files(ground_truth, detections, iou_type)
+    if as_json:
+        print(json.dumps(metrics, indent=1))
+        return
+    for key, value in metrics.items():
+        print(f"{key:<12} {value:.4f}")
 
 
 @app.command()

@@ -21,7 +21,7 @@ from ray.tune.experiment import Trial
 
 from spaces import Recipe
 
-from search.algorithms import ran_to_completion
+from search.algorithms import progress, ran_to_completion
 from search.trial import ERROR_KEY, FAILED_KEY
 from search.tracking import trial_error
 
@@ -126,10 +126,11 @@ class SweepMonitor(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         record = self._record(trial)
-        record["epoch"] = result.get("epoch")
-        record["epochs"] = result.get("epochs")
-        record["train_s"] = record.get("train_s", 0.0) + float(result.get("epoch_s", 0.0))
-        record["metrics"] = {k: v for k, v in result.items() if ("/" in k or k in ("lr", "epoch")) and isinstance(v, (int, float))}
+        record["epoch"], record["epochs"], record["unit"] = progress(result)
+        record["train_s"] = record.get("train_s", 0.0) + float(result.get("epoch_s", result.get("period_s", 0.0)))
+        record["metrics"] = {
+            k: v for k, v in result.items() if ("/" in k or k in ("lr", "epoch", "iteration")) and isinstance(v, (int, float))
+        }
         self._save()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -143,7 +144,8 @@ class SweepMonitor(Callback):
         record["stopped_early"] = not complete
         value = result.get(self.metric)
         line = f"trial {self._ordinal(trial)} {trial.trial_id} "
-        line += f"finished {result.get('epoch')} epochs" if complete else f"stopped early at epoch {result.get('epoch')}/{result.get('epochs')}"
+        done, total, unit = progress(result)
+        line += f"finished {done} {unit}s" if complete else f"stopped early at {unit} {done}/{total}"
         if isinstance(value, (int, float)) and math.isfinite(value):
             line += f": {self.metric}={value:.4f}"
             best = self.state["best"]

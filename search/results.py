@@ -10,7 +10,7 @@ from spaces import SweepError
 from search.monitor import count_states, read_state
 from search.sweep import SPEC_FILE
 
-__all__ = ["find_sweep", "sweep_status", "sweep_best"]
+__all__ = ["find_sweep", "sweep_status", "sweep_best", "trial_checkpoint", "best_checkpoint"]
 
 
 def find_sweep(name_or_path: str, storage: str = "runs") -> str:
@@ -64,9 +64,35 @@ def trial_rows(sweep_dir: str) -> list[dict[str, Any]]:
                 "trial_id": trial_id,
                 "status": record["status"] + (" (stopped early)" if record.get("stopped_early") else ""),
                 "epoch": f"{record.get('epoch') or 0}/{record.get('epochs') or '?'}",
+                "unit": record.get("unit", "epoch"),
                 metric: (record.get("metrics") or {}).get(metric),
                 "error": record.get("error"),
             }
         )
     return rows
 
+
+
+def trial_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:
+    """The newest checkpoint directory a trial left: in its Tune folder, or its Ray Train run's folder."""
+    from trainables.classification import CHECKPOINT_FILE
+
+    root = Path(sweep_dir)
+    found = [
+        path
+        for pattern in (f"*_{trial_id}_*/checkpoint_*", f"train/train-{trial_id}/checkpoint_*")
+        for path in root.glob(pattern)
+        if (path / CHECKPOINT_FILE).is_file()
+    ]
+    return str(max(found, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)) if found else None
+
+
+def best_checkpoint(sweep_dir: str) -> str:
+    """The checkpoint of a finished sweep's (or ``train`` run's) best trial, for a downstream ``model.init``."""
+    best = _state(sweep_dir).get("best")
+    if best is None:
+        raise SweepError(f"sweep {sweep_dir!r} has no finished trial with a result: no checkpoint to start from")
+    path = trial_checkpoint(sweep_dir, best["trial_id"])
+    if path is None:
+        raise SweepError(f"the best trial {best['trial_id']} of {sweep_dir!r} left no checkpoint")
+    return path

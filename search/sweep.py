@@ -16,7 +16,7 @@ import re
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +31,7 @@ from spaces import (
     recipe_to_yaml,
     resolve_recipe,
 )
+from spaces.recipe import PRETRAINED
 
 __all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "run_sweep", "init_ray", "SPEC_FILE", "BEST_RECIPE_FILE", "LOG_FILE"]
 
@@ -135,10 +136,59 @@ def _check_no_local_ray() -> None:
 
 
 def _max_epochs(space: Space, recipe: Recipe) -> int:
-    param = space.params.get("schedule.epochs")
-    if param is None:
-        return recipe.schedule.epochs
-    return int(max(param.edge_values()))
+    """The most Tune iterations a trial can report: epochs, or evaluations of a detection schedule."""
+    def widest(key: str, value: float) -> float:
+        param = space.params.get(key)
+        return max(param.edge_values()) if param is not None else value
+
+    if recipe.task == "detection":
+        schedule = recipe.schedule
+        iterations = widest("schedule.iterations", schedule.iterations) * widest("schedule.multiplier", schedule.multiplier)
+        return math.ceil(round(iterations) / schedule.eval_period)
+    return int(widest("schedule.epochs", recipe.schedule.epochs))
+
+
+def _checked_data(recipe: Recipe) -> Optional[str]:
+    """The dataset root as an absolute path (workers on other nodes need it there too), None if embedded."""
+    from trainables.data import EMBEDDED_DATASETS
+
+    if recipe.data.name in EMBEDDED_DATASETS or recipe.data.name == "digits-det":
+        return None
+    try:
+        if recipe.task == "detection":
+            from trainables.coco import coco_layout
+
+            coco_layout(recipe.data.name)
+        else:
+            from trainables.data import check_image_folder
+
+            check_image_folder(recipe.data.name)
+    except DataError as err:
+        raise DataError(f"{err} (set with --data or --set data.name=...)") from None
+    return os.path.abspath(recipe.data.name)
+
+
+def _checked_checkpoints(space: Space, recipe: Recipe) -> dict[str, str]:
+    """model.init / model.pretrained files as absolute paths; a sampled init=pretrained needs model.pretrained."""
+    fixed: dict[str, str] = {}
+    inits = {recipe.model.init}
+    if "model.init" in space.params:
+        inits |= set(space.params["model.init"].edge_values())
+    from search.upstream import needs_upstream
+
+    if PRETRAINED in inits and not recipe.model.pretrained and not needs_upstream(space, recipe):
+        raise SweepError(
+            "model.init=pretrained needs a checkpoint: --set model.pretrained=PATH "
+            "(a ResNet .pt/.pth/.safetensors file, or a run's checkpoint directory)"
+        )
+    paths = {"model.pretrained": recipe.model.pretrained} if recipe.model.pretrained else {}
+    if recipe.model.init not in ("scratch", PRETRAINED):
+        paths["model.init"] = recipe.model.init
+    for key, path in paths.items():
+        if not os.path.exists(path):
+            raise SweepError(f"{key}: checkpoint {path!r} does not exist")
+        fixed[key] = os.path.abspath(path)
+    return fixed
 
 
 def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
@@ -148,8 +198,6 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     """
     from search.algorithms import check_names
     from search.tracking import check_tracking_uri, resolve_tracking_uri
-    from trainables.data import EMBEDDED_DATASETS, check_image_folder
-
     if spec.trials < 1:
         raise SweepError(f"--trials must be at least 1, but got {spec.trials}")
     if spec.concurrency is not None and spec.concurrency < 1:
@@ -165,6 +213,10 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     else:
         check_names("tpe", spec.scheduler)
     space = spec.space if isinstance(spec.space, Space) else load_space(spec.space)
+    if spec.searcher == "grid":
+        from search.algorithms import grid_points
+
+        spec = replace(spec, trials=grid_points(space))  # every point once
     if spec.recipe:
         space = space.model_copy(update={"recipe": spec.recipe})
     check_keys(spec.overrides)
@@ -174,13 +226,11 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         raise SweepError(f"--set {clash[0]} fixes a key that space {space.name!r} searches; drop one of them")
     base = space.base_recipe()
     recipe = space.check(spec.overrides)
-    if recipe.data.name not in EMBEDDED_DATASETS:
-        try:
-            check_image_folder(recipe.data.name)
-        except DataError as err:
-            raise DataError(f"{err} (set with --data or --set data.name=...)") from None
+    data_root = _checked_data(recipe)
+    if data_root:
         # Workers may run on other nodes: they need the same path there (shared storage).
-        recipe.data.name = os.path.abspath(recipe.data.name)
+        recipe.data.name = data_root
+    checkpoints = _checked_checkpoints(space, recipe)
     name = spec.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _NAME.match(name):
         raise SweepError(f"--name must be letters, digits, '.', '_' or '-' (at most 128), but got {name!r}")
@@ -196,9 +246,9 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         _check_address(address)
     else:
         _check_no_local_ray()
-    overrides = dict(spec.overrides)
-    if recipe.data.name not in EMBEDDED_DATASETS:
-        overrides["data.name"] = recipe.data.name
+    overrides = {**spec.overrides, **checkpoints}
+    if data_root:
+        overrides["data.name"] = data_root
     return SweepPlan(
         spec=spec,
         space=space,
@@ -359,8 +409,13 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
 
     from search.monitor import SweepMonitor, read_state
     from search.tracking import MlflowTracking
+    from search.upstream import needs_upstream, upstream_checkpoint
 
     out = out or sys.stdout
+    if needs_upstream(plan.space, plan.recipe):
+        checkpoint = upstream_checkpoint(plan.recipe, plan.storage_root, plan.tracking_uri, plan.spec.address, out)
+        plan.overrides["model.pretrained"] = checkpoint
+        plan.recipe.model.pretrained = checkpoint
     os.makedirs(plan.sweep_dir, exist_ok=True)
     if not resume:
         os.makedirs(os.path.join(plan.sweep_dir, META_DIR), exist_ok=True)

@@ -41,7 +41,7 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     return uri
 
 
-_PLAIN_METRICS = ("lr", "images_per_s", "epoch_s")
+_PLAIN_METRICS = ("lr", "images_per_s", "epoch_s", "period_s")
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -192,7 +192,7 @@ class MlflowTracking(Callback):
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step = int(result.get("iteration", result.get("epoch", result.get("training_iteration", 0))))
         if step > self.last_steps.get(trial.trial_id, 0):  # an epoch re-done after a restart is not logged twice
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()]

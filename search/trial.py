@@ -37,10 +37,10 @@ def trial_resources(recipe: Recipe, launcher: str = "auto") -> dict[str, float]:
 def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
-    from trainables import TrainSession, train_classifier
+    from trainables import TrainSession, train_recipe
 
     try:
-        train_classifier(config["recipe"], TrainSession())
+        train_recipe(config["recipe"], TrainSession())
     except RecipeSearchError as err:
         # Every worker raises at the same step (divergence is checked collectively); reporting
         # instead of raising keeps Ray Train from restarting a recipe that fails the same way.
@@ -104,8 +104,8 @@ def run_trial(
             trial_id = tune.get_context().get_trial_id()
             _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures, metric)
         else:
-            from trainables import TuneSession, train_classifier
+            from trainables import TuneSession, train_recipe
 
-            train_classifier(recipe, TuneSession())
+            train_recipe(recipe, TuneSession())
     except RecipeSearchError as err:
         tune.report(_failure(metric, err))

@@ -20,7 +20,11 @@ from spaces.errors import RecipeError
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "DETECTORS",
+    "DETECTION_BACKBONES",
     "Recipe",
+    "detection_schedule",
+    "init_checkpoint",
     "flatten",
     "unflatten",
     "parse_value",
@@ -87,19 +91,50 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+# Detection architectures (torchvision) and the ResNets they take as backbone.
+DETECTORS = ("mask_rcnn", "faster_rcnn")
+DETECTION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# model.init=pretrained loads model.pretrained: a space can then search scratch vs pretrained.
+PRETRAINED = "pretrained"
+
+
+def init_checkpoint(model: "ModelConfig") -> Optional[str]:
+    """The checkpoint a model starts from, or None for random initialization."""
+    if model.init == "scratch":
+        return None
+    if model.init == PRETRAINED:
+        if not model.pretrained:
+            raise RecipeError("model.init=pretrained needs a checkpoint: --set model.pretrained=PATH (a ResNet file or a run's checkpoint)")
+        return model.pretrained
+    return model.init
+
+
 class ModelConfig(_Section):
     """Architecture knobs a recipe may set (the architecture itself is ``name``)."""
 
-    name: str = Field("resnet50", min_length=1, description="timm model name")
+    name: str = Field("resnet50", min_length=1, description="timm model name; detection: mask_rcnn or faster_rcnn")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth")
     norm: Literal["bn", "gn", "syncbn", "frozen_bn"] = "bn"
-    init: str = Field("scratch", min_length=1, description="'scratch' or a local checkpoint path")
+    init: str = Field("scratch", min_length=1, description="'scratch', 'pretrained' (= model.pretrained) or a local checkpoint path")
+    pretrained: Optional[str] = Field(None, description="the checkpoint model.init=pretrained loads (lets a space search scratch vs pretrained)")
+    backbone: Optional[str] = Field(None, description="detection: the torchvision ResNet under the FPN")
+    fpn_channels: int = Field(256, ge=32, le=1024, description="detection: FPN and head width (GN: a multiple of 32)")
+    anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], description="detection: RPN anchor size per FPN level")
+    roi_batch_size: int = Field(512, ge=16, description="detection: sampled RoIs per image for the box head")
+    proposals: int = Field(1000, ge=10, description="detection: RPN proposals kept per image at test (twice at training)")
+
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _five_levels(cls, value: list[int]) -> list[int]:
+        if len(value) != 5 or any(v <= 0 for v in value):
+            raise ValueError(f"must be 5 positive sizes, one per FPN level (P2..P6), but got {value}")
+        return value
 
 
 class DataConfig(_Section):
     """Dataset, resolution and augmentation (timm ``create_transform`` arguments)."""
 
-    name: str = Field("digits", min_length=1, description="'digits' or an ImageFolder root with train/ and val/")
+    name: str = Field("digits", min_length=1, description="'digits' or an ImageFolder root with train/ and val/; detection: 'digits-det' or a COCO root")
     train_size: int = Field(224, ge=8, le=4096)
     test_size: int = Field(224, ge=8, le=4096)
     crop_pct: float = Field(0.95, gt=0.0, le=1.0, description="test crop ratio")
@@ -111,6 +146,11 @@ class DataConfig(_Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
     color_jitter: Optional[float] = Field(None, ge=0.0, le=1.0, description="color jitter strength, null = off")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="seeded stratified subset of the training set")
+    max_images: Optional[int] = Field(None, ge=1, description="detection: at most this many training images (after fraction)")
+    max_size: int = Field(1333, ge=8, le=8192, description="detection: longest image side after resizing")
+    scale_jitter: float = Field(
+        0.0, ge=0.0, lt=1.0, description="detection: train shorter side drawn from train_size * [1 - j, 1 + j]"
+    )
 
     @field_validator("rand_augment")
     @classmethod
@@ -162,6 +202,15 @@ class ScheduleConfig(_Section):
     decay_rate: float = Field(0.1, gt=0.0, le=1.0, description="step/multistep: LR factor at each decay")
     decay_epochs: Optional[float] = Field(None, gt=0.0, description="step: epochs between decays")
     decay_milestones: Optional[list[int]] = Field(None, description="multistep: epochs at which the LR decays")
+    # Detection trains by iterations (detectron2 style): warmup, then LR / 10 at each step.
+    iterations: Optional[int] = Field(None, ge=1, description="detection: training length in iterations")
+    steps: Optional[list[int]] = Field(None, description="detection: iterations at which the LR is divided by 10")
+    warmup_iters: int = Field(0, ge=0, description="detection: linear warmup length")
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="detection: warmup starts at lr * factor")
+    eval_period: Optional[int] = Field(None, ge=1, description="detection: iterations per evaluation (= one Tune iteration)")
+    multiplier: float = Field(
+        1.0, gt=0.0, le=100.0, description="detection: schedule length factor; LR drops keep their distance to the end"
+    )
 
     @field_validator("name")
     @classmethod
@@ -218,7 +267,7 @@ class RuntimeConfig(_Section):
 class Recipe(_Section):
     """A full training recipe."""
 
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "detection"] = "classification"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -239,7 +288,61 @@ class Recipe(_Section):
             raise ValueError(
                 f"optim.batch_size must be >= runtime.workers ({self.runtime.workers}), but got {self.optim.batch_size}"
             )
+        if self.task == "detection":
+            _check_detection(self)
+        elif self.data.name == "digits-det":
+            raise ValueError("data.name=digits-det is a detection dataset: it needs task=detection (use data.name=digits)")
+        elif self.schedule.multiplier != 1.0:
+            raise ValueError("schedule.multiplier applies to detection schedules; for classification set schedule.epochs")
         return self
+
+
+def _check_detection(recipe: "Recipe") -> None:
+    model, schedule = recipe.model, recipe.schedule
+    if model.name not in DETECTORS:
+        raise ValueError(f"model.name must be one of {', '.join(DETECTORS)} for task=detection, but got {model.name!r}")
+    if model.backbone not in DETECTION_BACKBONES:
+        raise ValueError(
+            f"model.backbone must be one of {', '.join(DETECTION_BACKBONES)} for task=detection, but got {model.backbone!r}"
+        )
+    if model.norm == "gn" and model.fpn_channels % 32:
+        raise ValueError(f"model.fpn_channels must be a multiple of 32 with GroupNorm(32), but got {model.fpn_channels}")
+    if recipe.data.name == "digits":
+        raise ValueError("data.name=digits is a classification dataset; detection's embedded data is digits-det")
+    if schedule.iterations is None or schedule.eval_period is None:
+        raise ValueError("task=detection needs schedule.iterations and schedule.eval_period")
+    steps = schedule.steps or []
+    if sorted(steps) != steps or any(not 0 < s < schedule.iterations for s in steps):
+        raise ValueError(f"schedule.steps must increase within (0, {schedule.iterations}), but got {steps}")
+    iterations, steps = detection_schedule(schedule)
+    if any(s <= schedule.warmup_iters for s in steps) or schedule.warmup_iters >= iterations:
+        raise ValueError(
+            f"schedule.multiplier={schedule.multiplier:g} leaves {iterations} iterations with LR drops at {steps}: "
+            f"every drop must come after the {schedule.warmup_iters} warmup iterations"
+        )
+    unused = {
+        "reg.mixup_alpha": recipe.reg.mixup_alpha,
+        "reg.cutmix_alpha": recipe.reg.cutmix_alpha,
+        "reg.label_smoothing": recipe.reg.label_smoothing,
+        "reg.ema_decay": recipe.reg.ema_decay,
+        "data.repeated_aug": recipe.data.repeated_aug,
+        "data.rand_augment": recipe.data.rand_augment,
+    }
+    for key, value in unused.items():
+        if value:
+            raise ValueError(f"{key} is a classification setting; task=detection takes 0 or null, but got {value!r}")
+
+
+def detection_schedule(schedule: "ScheduleConfig") -> tuple[int, list[int]]:
+    """(iterations, LR-drop steps) after ``schedule.multiplier``.
+
+    As in *Rethinking ImageNet Pre-training*, a longer schedule keeps the LR drops
+    at the same distance from the end (1x = 90k with drops in the last 60k and
+    20k; 3x = 270k with drops at 210k and 250k): only the first phase grows.
+    """
+    iterations = round(schedule.iterations * schedule.multiplier)
+    steps = [iterations - (schedule.iterations - s) for s in (schedule.steps or [])]
+    return iterations, steps
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -102,6 +102,116 @@ DIGITS_SMOKE = {
     "schedule.warmup_epochs": 0,
 }
 
+# The upstream of the embedded detection study: a classifier on digits whose ResNet (timm's
+# resnet18 has torchvision's layer names) becomes the detector's pretrained backbone.
+DIGITS_BACKBONE = {
+    "model.name": "resnet18",
+    "model.norm": "gn",  # the scratch detector's norm: the study compares initializations, not norms
+    "data.hflip": 0.0,  # a mirrored digit is another symbol
+    "data.rand_augment": None,
+    "optim.name": "sgd",
+    "optim.lr": 0.05,
+    "optim.momentum": 0.9,
+    "optim.weight_decay": 5e-4,
+    "loss.name": "ce",
+    "reg.mixup_alpha": 0.0,
+    "reg.cutmix_alpha": 0.0,
+    "schedule.epochs": 8,
+    "schedule.warmup_epochs": 1,
+}
+
+# Rethinking ImageNet Pre-training (He, Girshick, Dollar 2019; detectron2's Misc configs).
+COCO_1X_ITERATIONS = 90_000  # at 16 images a batch
+COCO_1X_BATCH = 16
+COCO_1X_LR = 0.02
+COCO_DROPS_FROM_END = (60_000, 20_000)  # the LR drops sit in the last 60k and the last 20k iterations
+COCO_TRAIN_IMAGES = 118_287  # 1x = 90k x 16 / 118,287 = 12.2 epochs of COCO train2017
+
+
+def coco_equivalent_1x(train_images: int, batch_size: int) -> int:
+    """Iterations of a 1x schedule on a dataset of ``train_images``: as many epochs as COCO's 1x (12.2)."""
+    return max(1, round(COCO_1X_ITERATIONS * COCO_1X_BATCH / COCO_TRAIN_IMAGES * train_images / batch_size))
+
+
+def rethinking_schedule(
+    multiple: float, batch_size: int = COCO_1X_BATCH, iterations_1x: int | None = None, warmup_iters: int = 1000, evals_1x: int = 18
+) -> dict[str, Any]:
+    """The paper's Nx schedule as recipe keys.
+
+    1x is 90k iterations at batch 16 with the LR divided by 10 in the last 60k
+    and the last 20k (2/3 and 2/9 of 1x); Nx multiplies the first phase only,
+    so the drops keep their distance to the end. Another batch size keeps the
+    images seen (1x = 90k x 16 / batch iterations) and scales the LR linearly
+    (0.02 x batch / 16). A smaller dataset keeps the epochs: ``iterations_1x``
+    from ``coco_equivalent_1x``. Evaluation ``evals_1x`` times per 1x.
+    """
+    unit = iterations_1x or round(COCO_1X_ITERATIONS * COCO_1X_BATCH / batch_size)
+    iterations = round(multiple * unit)
+    return {
+        "schedule.iterations": iterations,
+        "schedule.steps": [iterations - round(unit * d / COCO_1X_ITERATIONS) for d in COCO_DROPS_FROM_END],
+        "schedule.warmup_iters": warmup_iters,
+        "schedule.warmup_factor": 0.001,
+        "schedule.eval_period": max(1, round(unit / evals_1x)),
+        "optim.batch_size": batch_size,
+        "optim.lr": COCO_1X_LR * batch_size / COCO_1X_BATCH,
+    }
+
+
+SCRATCH_MASKRCNN_R50_GN = {
+    "task": "detection",
+    "model.name": "mask_rcnn",
+    "model.backbone": "resnet50",
+    "model.norm": "gn",  # GN in backbone, FPN, 4conv1fc box head and 4-conv mask head
+    "model.init": "scratch",
+    "model.drop_path_rate": 0.0,
+    "data.name": "coco",  # a COCO root (annotations/instances_train*.json, train*/): set with --data
+    "data.train_size": 800,  # shorter side
+    "data.test_size": 800,
+    "data.max_size": 1333,
+    "data.hflip": 0.5,  # horizontal flip is the only augmentation
+    "data.rand_augment": None,
+    "data.repeated_aug": 0,
+    "optim.name": "momentum",  # SGD, heavy-ball momentum as in detectron2
+    "optim.momentum": 0.9,
+    "optim.weight_decay": 1e-4,
+    "optim.grad_clip": None,
+    "schedule.name": "multistep",
+    "schedule.decay_milestones": [1],  # unused by detection: iterations and steps rule
+    "schedule.epochs": 2,
+    "schedule.warmup_epochs": 0,
+    "reg.mixup_alpha": 0.0,
+    "reg.cutmix_alpha": 0.0,
+    "reg.label_smoothing": 0.0,
+    "reg.ema_decay": None,
+    "runtime.workers": 8,  # 2 images on each of 8 GPUs
+    "runtime.cpus_per_worker": 4,
+    "runtime.gpus_per_worker": 1,
+    **rethinking_schedule(3),  # 270k iterations, drops at 210k and 250k
+}
+
+# Digits-det: 600 train canvases of 64 px with 1-4 digits. ResNet-18-FPN-GN, 64 channels,
+# few RoIs and proposals (at most 4 objects an image). COCO's 12.2 epochs would be
+# coco_equivalent_1x(600, 4) = 1,827 iterations: too long for minutes on 2 CPUs, so the
+# preset's 1x is 300 iterations (2 epochs) with the same shape (drops in the last 2/3 and 2/9).
+DIGITS_DET_IMAGES = 600
+DIGITS_DET_1X = 300
+SCRATCH_DET_DIGITS = {
+    "model.backbone": "resnet18",
+    "model.fpn_channels": 64,
+    "model.anchor_sizes": [8, 16, 32, 64, 128],
+    "model.roi_batch_size": 32,
+    "model.proposals": 100,
+    "data.name": "digits-det",
+    "data.train_size": 64,
+    "data.test_size": 64,
+    "data.max_size": 64,
+    "runtime.workers": 1,
+    "runtime.cpus_per_worker": 1,
+    "runtime.gpus_per_worker": 0,
+    **rethinking_schedule(1, batch_size=4, iterations_1x=DIGITS_DET_1X, warmup_iters=20, evals_1x=6),
+}
+
 # name -> (base preset or None, overrides, one-line description)
 RECIPE_PRESETS: dict[str, tuple[str | None, dict[str, Any], str]] = {
     "rsb-a1": (None, RSB_A1, "ResNet strikes back A1: ResNet-50, 600 epochs, LAMB, BCE (80.4 top-1)"),
@@ -109,6 +219,22 @@ RECIPE_PRESETS: dict[str, tuple[str | None, dict[str, Any], str]] = {
     "rsb-a3": ("rsb-a2", RSB_A3, "ResNet strikes back A3: ResNet-50, 100 epochs at 160 px (78.1 top-1)"),
     "rsb-digits": ("rsb-a3", RSB_DIGITS, "A3 sized for the embedded digits: small timm ResNet, 32 px, 20 epochs"),
     "digits-smoke": ("rsb-digits", DIGITS_SMOKE, "seconds on 2 CPUs: SGD on half the digits, light augmentation (smoke tests)"),
+    "digits-backbone": ("rsb-digits", DIGITS_BACKBONE, "ResNet-18-GN classifier on digits: the pretrained backbone of the embedded detection study"),
+    "scratch-maskrcnn-r50-gn-3x": (None, SCRATCH_MASKRCNN_R50_GN, "Rethinking ImageNet Pre-training: Mask R-CNN R50-FPN-GN from scratch, 3x (39.5 box AP)"),
+    "scratch-maskrcnn-r50-gn-6x": ("scratch-maskrcnn-r50-gn-3x", rethinking_schedule(6), "as -3x, 6x = 540k iterations (41.3 box AP)"),
+    "scratch-maskrcnn-r50-gn-9x": (
+        "scratch-maskrcnn-r50-gn-3x",
+        rethinking_schedule(9, batch_size=64),  # detectron2: batch 64, LR 0.08, 202.5k, drops at 187.5k and 197.5k
+        "as -3x, detectron2's 9x: batch 64, LR 0.08, 202.5k iterations",
+    ),
+    "pretrained-maskrcnn-r50-gn-3x": (
+        "scratch-maskrcnn-r50-gn-3x",
+        {"model.init": "pretrained"},  # needs --set model.pretrained=PATH (an ImageNet R50-GN checkpoint)
+        "as scratch -3x, backbone from an ImageNet-trained ResNet-50-GN (40.8 box AP)",
+    ),
+    "scratch-maskrcnn-r50-syncbn-3x": ("scratch-maskrcnn-r50-gn-3x", {"model.norm": "syncbn"}, "as -gn-3x with SyncBN in backbone, FPN and heads"),
+    "pretrained-maskrcnn-r50-syncbn-3x": ("pretrained-maskrcnn-r50-gn-3x", {"model.norm": "syncbn"}, "as pretrained -gn-3x with SyncBN"),
+    "scratch-det-digits": ("scratch-maskrcnn-r50-gn-3x", SCRATCH_DET_DIGITS, "ResNet-18-FPN-GN Mask R-CNN on the embedded digits-det, minutes on 2 CPUs"),
 }
 
 

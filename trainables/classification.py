@@ -33,6 +33,7 @@ from timm.layers import freeze_batch_norm_2d
 from timm.utils import ModelEmaV3
 
 from spaces import OPTIMIZERS, DataError, Recipe, RecipeError, TrainingError, validate_recipe
+from spaces.recipe import init_checkpoint
 from trainables.data import MAX_UNREADABLE_FRACTION, build_datasets, collate_readable, shard
 from trainables.session import Session
 
@@ -65,11 +66,12 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
     if cfg.norm == "gn":
         kwargs["norm_layer"] = timm.layers.GroupNorm  # 32 groups
-    if cfg.init != "scratch":
-        if not os.path.isfile(cfg.init):
-            raise RecipeError(f"model.init must be 'scratch' or a local checkpoint file, but {cfg.init!r} does not exist")
+    checkpoint = init_checkpoint(cfg)
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise RecipeError(f"model.init must be 'scratch' or a local checkpoint file, but {checkpoint!r} does not exist")
         # timm loads the local file and drops a classifier whose class count differs.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": cfg.init})
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": checkpoint})
     try:
         model = timm.create_model(cfg.name, **kwargs)
     except RuntimeError as err:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -46,11 +47,19 @@ def test_recipes_set_overrides(workdir):
 
 
 BAD_INPUT = [
-    (["sweep", "nope"], "unknown space 'nope'; available: rsb"),
+    (["sweep", "nope"], "unknown space 'nope'; available: det, rethinking, rsb"),
     (["sweep", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["sweep", "--trials", "0"], "--trials must be at least 1, but got 0"),
     (["sweep", "--workers", "0"], "runtime.workers"),
-    (["sweep", "--searcher", "grid"], "unknown searcher 'grid'; available: tpe, random, cmaes"),
+    (["sweep", "--searcher", "bayes"], "unknown searcher 'bayes'; available: tpe, grid, random, cmaes"),
+    (["sweep", "--searcher", "grid"], "searcher grid takes choice params without when/format, but optim.lr is loguniform"),
+    (["sweep", "det", "--data", "digits"], "data.name=digits is a classification dataset"),
+    (["sweep", "det", "--set", "model.pretrained=/no/such.pt"], "model.pretrained: checkpoint '/no/such.pt' does not exist"),
+    (["sweep", "det", "--data", "/no/coco"], "/no/coco"),
+    (["study", "nope"], "unknown study 'nope'; available: rethinking"),
+    (["study", "rethinking", "--schedules", "1,x"], "--schedules takes comma-separated numbers"),
+    (["study", "rethinking", "--fractions", "0"], "--fractions takes data fractions in (0, 1]"),
+    (["study", "rethinking", "--data", "/no/coco"], "/no/coco"),
     (["sweep", "--scheduler", "pbt"], "unknown scheduler 'pbt'; available: asha"),
     (["sweep", "--set", "optim.lrr=1"], "unknown recipe key 'optim.lrr'"),
     (["sweep", "--set", "optim.weight_decay=-1"], "optim.weight_decay"),
@@ -93,3 +102,60 @@ def test_malformed_space_and_status_on_a_folder_that_is_not_a_sweep(workdir):
         assert result.returncode == 2 and "not a sweep directory" in result.stderr
     result = run(["train", "rsb-digits", "--data", "plain"], workdir)
     assert result.returncode == 2 and "has no class folders" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def coco_files(tmp_path_factory):
+    """A small digits-det ground truth and its perfect detections (boxes and RLE masks)."""
+    from pycocotools.coco import COCO
+    from pycocotools import mask as mask_utils
+
+    from trainables.coco import write_digits_det
+
+    root = write_digits_det(tmp_path_factory.mktemp("coco") / "digits-det", train_images=4, val_images=6)
+    gt_path = root / "annotations" / "instances_val.json"
+    coco = COCO(str(gt_path))
+    dets = []
+    for ann in coco.dataset["annotations"]:
+        if not ann["iscrowd"]:
+            rle = mask_utils.encode(np.asfortranarray(coco.annToMask(ann)))
+            rle["counts"] = rle["counts"].decode()
+            dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9, "segmentation": rle})
+    dets_path = root / "dets.json"
+    dets_path.write_text(json.dumps(dets))
+    return str(gt_path), str(dets_path)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_coco_eval_prints_pycocotools_numbers(workdir, coco_files, iou_type):
+    from trainables.coco import evaluate_files
+
+    gt, dets = coco_files
+    result = run(["coco-eval", gt, dets, "--iou-type", iou_type, "--json"], workdir)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed == evaluate_files(gt, dets, iou_type)
+    assert printed[f"{iou_type}_AP"] == pytest.approx(1.0)  # perfect detections
+    table = run(["coco-eval", gt, dets, "--iou-type", iou_type], workdir).stdout
+    assert f"{iou_type}_AP50" in table
+
+
+def test_coco_eval_malformed_files_fail_in_one_line(workdir, coco_files):
+    gt, dets = coco_files
+    (workdir / "not.json").write_text("{oops")
+    (workdir / "unknown_image.json").write_text(json.dumps([{"image_id": 999999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    (workdir / "no_bbox.json").write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 0.5}]))
+    (workdir / "gt_without_images.json").write_text(json.dumps({"annotations": [], "categories": []}))
+    cases = [
+        ([gt, "missing.json"], "missing.json"),
+        ([gt, "not.json"], "not.json"),
+        ([gt, "unknown_image.json"], "unknown_image.json"),
+        ([gt, "no_bbox.json"], "no_bbox.json"),
+        (["gt_without_images.json", dets], "gt_without_images.json"),
+        ([gt, dets, "--iou-type", "keypoints"], "--iou-type must be one of bbox, segm"),
+    ]
+    for args, fragment in cases:
+        result = run(["coco-eval", *args], workdir)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, result.stderr)

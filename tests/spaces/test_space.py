@@ -55,7 +55,7 @@ def test_values_outside_the_recipe_schema_are_rejected_at_check():
 
 
 def test_unknown_and_malformed_space_files(tmp_path):
-    with pytest.raises(SpaceError, match="unknown space 'nope'; available: rsb"):
+    with pytest.raises(SpaceError, match="unknown space 'nope'; available: det, rethinking, rsb"):
         load_space("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")

@@ -1,0 +1,381 @@
+"""Object detection from a ``Recipe``: torchvision Mask / Faster R-CNN with an FPN.
+
+The architecture follows *Rethinking ImageNet Pre-training*: with ``model.norm=gn``
+GroupNorm is in the backbone, the FPN, a 4conv1fc box head and the 4-conv mask
+head, so a detector can train from random initialization. ``frozen_bn`` is the
+classic fine-tuning baseline (frozen backbone statistics, no norm in FPN and
+heads, 2fc box head). Training runs by iterations with detectron2's warmup +
+multi-step schedule; every ``schedule.eval_period`` iterations the model is
+scored with pycocotools and a checkpoint is reported (one Tune iteration).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from timm.scheduler import MultiStepLRScheduler
+
+from spaces import DataError, Recipe, RecipeError, TrainingError, validate_recipe
+from spaces.recipe import detection_schedule, init_checkpoint
+from trainables.classification import (
+    CHECKPOINT_FILE,
+    _autocast,
+    _diverged,
+    _set_rng_state,
+    _unwrap,
+    build_optimizer,
+    seed_everything,
+)
+from trainables.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, detections_to_coco, digits_det_root, subset_image_ids
+from trainables.session import Session
+
+__all__ = [
+    "build_detector",
+    "build_detection_scheduler",
+    "detection_datasets",
+    "evaluate_detector",
+    "load_backbone_weights",
+    "train_detector",
+    "train_sizes",
+]
+
+logger = logging.getLogger(__name__)
+GN_GROUPS = 32  # GroupNorm(32) as in the paper and detectron2
+_RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.body.", "backbone.")
+
+
+def _norm_layer(norm: str):
+    if norm == "gn":
+        return partial(nn.GroupNorm, GN_GROUPS)
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    return nn.BatchNorm2d  # bn; syncbn is converted once the model is built
+
+
+def train_sizes(recipe: Recipe) -> tuple[int, ...]:
+    """Shorter sides drawn at training: ``train_size``, or five sizes over the scale-jitter range."""
+    data = recipe.data
+    if not data.scale_jitter:
+        return (data.train_size,)
+    low, high = data.train_size * (1 - data.scale_jitter), data.train_size * (1 + data.scale_jitter)
+    return tuple(sorted({int(round(s)) for s in np.linspace(low, high, 5)}))
+
+
+def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
+    """A ResNet state dict from a file: this project's checkpoint, a timm / torchvision file, or a directory holding one."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / CHECKPOINT_FILE
+    if not file.is_file():
+        raise DataError(f"model.init: checkpoint {path!r} does not exist (a .pt/.pth/.safetensors file, or a run's checkpoint directory)")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise DataError(f"model.init: {path!r} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    for key in ("model", "state_dict"):  # this project's checkpoints; common training scripts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise DataError(f"model.init: {path!r} holds no state dict")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _STRIP_PREFIXES:
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    return cleaned
+
+
+def load_backbone_weights(backbone: nn.Module, path: str) -> None:
+    """Load a classification ResNet's weights into the detector's backbone (its classifier dropped)."""
+    state = {k: v for k, v in _state_dict_from(path).items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    shared = [k for k in state if k in own]
+    if not shared:
+        raise DataError(f"model.init: {path!r} holds no ResNet backbone weights (expected keys like conv1.weight, layer1.0.conv1.weight)")
+    wrong = [k for k in shared if state[k].shape != own[k].shape]
+    if wrong:
+        raise DataError(
+            f"model.init: {path!r} does not fit the backbone ({len(wrong)} shapes differ, e.g. {wrong[0]}: "
+            f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); is it a checkpoint of the same ResNet depth?"
+        )
+    backbone.load_state_dict({k: state[k] for k in shared}, strict=False)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        # e.g. BN running statistics when the checkpoint was trained with GroupNorm
+        logger.warning("model.init %s: %d backbone tensors not in the checkpoint keep their initialization (e.g. %s)", path, len(missing), missing[0])
+
+
+def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
+    """Mask or Faster R-CNN, ResNet + FPN, normalized as the recipe says. ``num_classes`` includes background."""
+    cfg = recipe.model
+    norm = _norm_layer(cfg.norm)
+    head_norm = None if cfg.norm == "frozen_bn" else norm  # classic fine-tuning: no norm outside the backbone
+    backbone = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm)
+    checkpoint = init_checkpoint(cfg)
+    if checkpoint is not None:
+        load_backbone_weights(backbone, checkpoint)
+    stage2 = backbone.inplanes // 8
+    width = cfg.fpn_channels
+    body = BackboneWithFPN(backbone, _RETURN_LAYERS, [stage2 * 2**i for i in range(4)], width, norm_layer=head_norm)
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes), aspect_ratios=(_ASPECT_RATIOS,) * len(cfg.anchor_sizes))
+    fc = 4 * width  # 1024 at the paper's 256 channels
+    if head_norm is not None:
+        box_head: nn.Module = FastRCNNConvFCHead((width, 7, 7), [width] * 4, [fc], norm_layer=head_norm)  # 4conv1fc
+    else:
+        box_head = TwoMLPHead(width * 7 * 7, fc)
+    common = dict(
+        min_size=train_sizes(recipe),
+        max_size=recipe.data.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(width, len(_ASPECT_RATIOS)),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(fc, num_classes),
+        box_batch_size_per_image=cfg.roi_batch_size,
+        # torchvision's defaults at cfg.proposals=1000: 2000 / 1000 before and after NMS
+        rpn_pre_nms_top_n_train=2 * cfg.proposals,
+        rpn_post_nms_top_n_train=2 * cfg.proposals,
+        rpn_pre_nms_top_n_test=cfg.proposals,
+        rpn_post_nms_top_n_test=cfg.proposals,
+    )
+    if cfg.name == "mask_rcnn":
+        model: nn.Module = MaskRCNN(
+            body,
+            mask_head=MaskRCNNHeads(width, [width] * 4, 1, norm_layer=head_norm),
+            mask_predictor=MaskRCNNPredictor(width, width, num_classes),
+            **common,
+        )
+    else:
+        model = FasterRCNN(body, **common)
+    if cfg.norm == "syncbn":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_detection_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> MultiStepLRScheduler:
+    """detectron2's WarmupMultiStepLR through timm: linear warmup from lr * factor, LR / 10 at each step."""
+    schedule = recipe.schedule
+    _, steps = detection_schedule(schedule)
+    return MultiStepLRScheduler(
+        optimizer,
+        decay_t=[s + 1 for s in steps],  # timm applies milestone m at t = m - 1; detectron2 drops at iteration m
+        decay_rate=0.1,
+        warmup_t=schedule.warmup_iters,
+        warmup_lr_init=recipe.optim.lr * schedule.warmup_factor,
+        warmup_prefix=False,  # steps count from iteration 0, warmup included
+        t_in_epochs=False,
+    )
+
+
+@dataclass
+class DetectionData:
+    train: CocoDetection
+    val: CocoDetection
+    num_classes: int  # with background
+
+
+def detection_datasets(recipe: Recipe) -> DetectionData:
+    """Train (seeded subset: fraction, max_images) and val COCO datasets of the recipe."""
+    data = recipe.data
+    root = digits_det_root() if data.name == "digits-det" else data.name
+    layout = coco_layout(root)
+    masks = recipe.model.name == "mask_rcnn"
+    train = CocoDetection(layout.train_json, layout.train_images, masks=masks, hflip=data.hflip)
+    if data.fraction < 1.0 or data.max_images is not None:
+        ids = subset_image_ids(train.image_ids, data.fraction, data.max_images, recipe.runtime.seed)
+        train = CocoDetection(layout.train_json, layout.train_images, masks=masks, hflip=data.hflip, image_ids=ids)
+    val = CocoDetection(layout.val_json, layout.val_images, masks=masks, hflip=0.0)
+    return DetectionData(train, val, train.num_classes)
+
+
+class _EvalSize:
+    """The model resizes to ``data.test_size`` while evaluating, to the train sizes otherwise."""
+
+    def __init__(self, model: nn.Module, size: int) -> None:
+        self.transform = _unwrap(model).transform
+        self.size = size
+
+    def __enter__(self) -> None:
+        self.saved = self.transform.min_size
+        self.transform.min_size = (self.size,)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.transform.min_size = self.saved
+
+
+@torch.no_grad()
+def evaluate_detector(model: nn.Module, val: CocoDetection, recipe: Recipe, session: Session) -> dict[str, float]:
+    """COCO AP with pycocotools on the val set; workers score shards, rank 0 runs COCOeval."""
+    device = session.device
+    image_ids = val.image_ids[session.rank :: session.world_size]
+    shard = torch.utils.data.Subset(val, range(session.rank, len(val), session.world_size))
+    loader = DataLoader(shard, batch_size=4, collate_fn=collate_detection)
+    inner = _unwrap(model)
+    inner.eval()
+    masks = recipe.model.name == "mask_rcnn"
+    results: list[dict[str, Any]] = []
+    done = 0
+    with _EvalSize(inner, recipe.data.test_size):
+        for images, _ in loader:
+            with _autocast(recipe, device):
+                outputs = inner([image.to(device) for image in images])
+            outputs = [{k: v.float().cpu() for k, v in out.items()} for out in outputs]
+            results += detections_to_coco(outputs, image_ids[done : done + len(images)], val.label_to_category, masks)
+            done += len(images)
+    if session.world_size > 1:
+        gathered: list[Any] = [None] * session.world_size
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    metrics: list[Any] = [None]
+    if session.rank == 0:
+        iou_types = ("bbox", "segm") if masks else ("bbox",)
+        metrics[0] = coco_evaluate(val.coco, results, iou_types, image_ids=val.image_ids)
+    if session.world_size > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+def _epoch_order(sampler: DistributedSampler, epoch: int, skip: int) -> list[int]:
+    """This worker's image order for a pass over the data, minus the first ``skip`` images (resume)."""
+    sampler.set_epoch(epoch)
+    return list(sampler)[skip:]
+
+
+def _save(model: nn.Module, optimizer, scheduler, iteration: int, recipe: Recipe, directory: str) -> None:
+    from trainables.classification import _rng_state
+
+    torch.save(
+        {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "iteration": iteration,
+            "recipe": recipe.model_dump(mode="json"),
+            "rng": _rng_state(None),
+        },
+        os.path.join(directory, CHECKPOINT_FILE),
+    )
+
+
+def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> dict[str, float]:
+    """Train one detection recipe; report COCO AP and a checkpoint every eval period. Returns the last metrics."""
+    recipe = validate_recipe(recipe)
+    runtime, schedule = recipe.runtime, recipe.schedule
+    device = session.device
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(runtime.cpus_per_worker)))
+    seed_everything(runtime.seed + session.rank)
+    data = detection_datasets(recipe)
+    per_worker_batch = recipe.optim.batch_size // session.world_size
+    if per_worker_batch * session.world_size > len(data.train):
+        raise RecipeError(
+            f"optim.batch_size {recipe.optim.batch_size} exceeds the {len(data.train)} training images of {recipe.data.name!r}"
+        )
+    sampler = DistributedSampler(
+        data.train, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=runtime.seed, drop_last=True
+    )
+    batches_per_pass = len(sampler) // per_worker_batch
+
+    model = session.prepare_model(build_detector(recipe, data.num_classes))
+    optimizer = build_optimizer(recipe, model)
+    scheduler = build_detection_scheduler(recipe, optimizer)
+    iterations, steps = detection_schedule(schedule)
+
+    iteration = 0
+    with session.restored_checkpoint() as path:
+        if path:
+            ckpt = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+            _unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"], None)
+            iteration = int(ckpt["iteration"])
+    scheduler.step_update(num_updates=iteration)
+
+    metrics: dict[str, float] = {}
+    loader_workers = 0 if recipe.data.name == "digits-det" else max(0, int(runtime.cpus_per_worker) - 1)
+    while iteration < iterations:
+        period_end = min(iterations, (iteration // schedule.eval_period + 1) * schedule.eval_period)
+        model.train()
+        started = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        first = iteration
+        while iteration < period_end:
+            epoch, position = divmod(iteration, batches_per_pass)
+            order = _epoch_order(sampler, epoch, position * per_worker_batch)
+            loader = DataLoader(
+                data.train, batch_size=per_worker_batch, sampler=order, drop_last=True,
+                collate_fn=collate_detection, num_workers=loader_workers,
+            )
+            for images, targets in loader:
+                images = [image.to(device, non_blocking=True) for image in images]
+                targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+                with _autocast(recipe, device):
+                    losses = model(images, targets)
+                loss = sum(losses.values())
+                if _diverged(loss, session.world_size):
+                    raise TrainingError(
+                        f"loss became non-finite at iteration {iteration + 1}: the recipe diverged "
+                        f"(optim.lr={recipe.optim.lr:g}, model.norm={recipe.model.norm}, model.init={recipe.model.init})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                optimizer.step()
+                iteration += 1
+                scheduler.step_update(num_updates=iteration)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+                seen += len(images)
+                if iteration >= period_end:
+                    break
+        period_s = time.perf_counter() - started
+        done = max(iteration - first, 1)
+        metrics = {f"train/{name}": float(total) / done for name, total in sums.items()}
+        metrics.update(
+            {
+                "iteration": iteration,
+                "iterations": iterations,
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": seen * session.world_size / max(period_s, 1e-9),
+                "period_s": period_s,
+            }
+        )
+        metrics.update({f"val/{k}": v for k, v in evaluate_detector(model, data.val, recipe, session).items()})
+        if session.keeps_checkpoints and session.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="recipe-search-ckpt-") as directory:
+                _save(model, optimizer, scheduler, iteration, recipe, directory)
+                session.report(metrics, directory)
+        else:
+            session.report(metrics, None)
+    return metrics
