@@ -62,6 +62,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _launch(spec, resume: bool = False) -> None:
+    from search.results import sweep_best
     from search.sweep import BEST_RECIPE_FILE, plan_sweep, run_sweep
 
     plan = plan_sweep(spec, resume=resume)
@@ -78,11 +79,18 @@ def _launch(spec, resume: bool = False) -> None:
     print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
     if best:
         print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
+        _print_gain(sweep_best(plan.sweep_dir))
         print(recipe_to_yaml(_recipe(best["recipe"])).rstrip())
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
     else:
         print("no trial produced a result")
     print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+
+
+def _print_gain(info: Optional[dict[str, Any]], prefix: str = "") -> None:
+    if info and "gain" in info:
+        base = info["baseline"]
+        print(f"{prefix}base recipe (trial {base['trial_id']}): {info['metric']}={base['value']:.4f}; the best beats it by {info['gain']:+.4f}")
 
 
 def _counts(state: dict[str, Any]) -> dict[str, int]:
@@ -219,6 +227,7 @@ def best(
         print(json.dumps(info, indent=1))
         return
     print(f"# best trial {info['trial_id']}: {info['metric']}={info['value']:.4f} (MLflow run {info['mlflow_run_id']})")
+    _print_gain(info, prefix="# ")
     print(text.rstrip())
     if output:
         print(f"# written to {output}")
@@ -310,6 +319,24 @@ def _numbers(text: str, flag: str) -> list[float]:
     except ValueError:
         _fail(f"{flag} takes comma-separated numbers, e.g. 1,2; got {text!r}")
         raise
+
+
+@app.command()
+def hyperrule(
+    examples: int = typer.Option(..., "--examples", help="number of training examples"),
+    image_size: int = typer.Option(..., "--image-size", help="side of the dataset's images, in pixels"),
+    batch_size: int = typer.Option(512, "--batch-size", help="batch size (the LR scales linearly from 0.003 at 512)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """The BiT-HyperRule: the fine-tuning recipe BiT picks from dataset size and image size."""
+    from spaces.hyperrule import hyperrule as rule_for
+
+    rule = rule_for(examples, image_size, batch_size).as_dict()
+    if as_json:
+        print(json.dumps(rule, indent=1))
+        return
+    for key, value in rule.items():
+        print(f"{key:<14} {value}")
 
 
 @app.command(name="coco-eval")

@@ -58,6 +58,8 @@ class SweepMonitor(Callback):
         run_id_of: the MLflow run id of a trial id (None when not tracked).
         out: where progress lines go (stdout by default).
         resumed: a resumed sweep: records of trials the restored experiment does not know are dropped.
+        baseline_config: the sampled config of the base recipe (a space with ``start: true``); its
+            trial is recorded as the sweep's baseline, which ``best`` compares the winner with.
     """
 
     def __init__(
@@ -71,8 +73,10 @@ class SweepMonitor(Callback):
         run_id_of: Callable[[str], Optional[str]],
         out: Optional[TextIO] = None,
         resumed: bool = False,
+        baseline_config: Optional[dict[str, Any]] = None,
     ) -> None:
         self.sweep_dir = sweep_dir
+        self.baseline_config = baseline_config
         self.metric = metric
         self.mode = mode
         self.recipe_of = recipe_of
@@ -90,6 +94,7 @@ class SweepMonitor(Callback):
             "finished": False,
             "trials": previous.get("trials", {}),
             "best": previous.get("best"),
+            "baseline": previous.get("baseline"),
         }
 
     def _print(self, text: str) -> None:
@@ -146,8 +151,11 @@ class SweepMonitor(Callback):
         line = f"trial {self._ordinal(trial)} {trial.trial_id} "
         done, total, unit = progress(result)
         line += f"finished {done} {unit}s" if complete else f"stopped early at {unit} {done}/{total}"
+        is_baseline = self.baseline_config is not None and _same(trial.config, self.baseline_config) and not self.state.get("baseline")
+        if is_baseline:
+            self.state["baseline"] = {"trial_id": trial.trial_id, "value": value if isinstance(value, (int, float)) and math.isfinite(value) else None}
         if isinstance(value, (int, float)) and math.isfinite(value):
-            line += f": {self.metric}={value:.4f}"
+            line += f": {self.metric}={value:.4f}" + (" (base recipe)" if is_baseline else "")
             best = self.state["best"]
             if better(value, best["value"] if best else None, self.mode):
                 self._set_best(trial.trial_id, record, value)
@@ -207,6 +215,20 @@ class SweepMonitor(Callback):
             if record["status"] == "RUNNING":
                 record["status"] = "PENDING"
         self._save()
+
+
+def _same(config: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether a trial's sampled config is ``expected`` (floats compared to rounding)."""
+    if set(config) != set(expected):
+        return False
+    for key, value in expected.items():
+        got = config[key]
+        if isinstance(value, float) or isinstance(got, float):
+            if not isinstance(got, (int, float)) or not math.isclose(got, value, rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif got != value:
+            return False
+    return True
 
 
 def driver_gone(state: dict[str, Any]) -> bool:

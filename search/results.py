@@ -50,7 +50,14 @@ def sweep_best(sweep_dir: str) -> Optional[dict[str, Any]]:
     if best is None:
         return None
     keys = ("trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe")
-    return {k: best.get(k) for k in keys}
+    info = {k: best.get(k) for k in keys}
+    baseline = _state(sweep_dir).get("baseline")
+    if baseline and baseline.get("value") is not None:
+        # A space with start: true; the gain is signed so that positive means better.
+        sign = 1 if best.get("mode", "max") == "max" else -1
+        info["baseline"] = baseline
+        info["gain"] = sign * (best["value"] - baseline["value"])
+    return info
 
 
 def trial_rows(sweep_dir: str) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from spaces import (
     SweepError,
     check_keys,
     define_by_run,
+    flatten,
     load_space,
     recipe_to_yaml,
     resolve_recipe,
@@ -141,11 +142,21 @@ def _max_epochs(space: Space, recipe: Recipe) -> int:
         param = space.params.get(key)
         return max(param.edge_values()) if param is not None else value
 
-    if recipe.task == "detection":
+    if recipe.schedule.iterations is not None:  # a step schedule: one Tune iteration per evaluation
         schedule = recipe.schedule
         iterations = widest("schedule.iterations", schedule.iterations) * widest("schedule.multiplier", schedule.multiplier)
         return math.ceil(round(iterations) / schedule.eval_period)
     return int(widest("schedule.epochs", recipe.schedule.epochs))
+
+
+def _hyperrule_keys(recipe: Recipe) -> dict[str, Any]:
+    from spaces.hyperrule import hyperrule, hyperrule_keys
+    from trainables.data import dataset_stats
+
+    _checked_data(recipe)
+    examples, image_size = dataset_stats(recipe.data, recipe.runtime.seed)
+    rule = hyperrule(examples, image_size, recipe.optim.batch_size)
+    return hyperrule_keys(rule, resolution=recipe.schedule.hyperrule == "full")
 
 
 def _checked_data(recipe: Recipe) -> Optional[str]:
@@ -168,9 +179,25 @@ def _checked_data(recipe: Recipe) -> Optional[str]:
     return os.path.abspath(recipe.data.name)
 
 
-def _checked_checkpoints(space: Space, recipe: Recipe) -> dict[str, str]:
-    """model.init / model.pretrained files as absolute paths; a sampled init=pretrained needs model.pretrained."""
+RUN_PREFIX = "run:"
+
+
+def resolve_run(reference: str, storage: str) -> str:
+    """``run:NAME``: the best checkpoint of sweep (or ``train`` run) NAME under ``storage``, or a path to one."""
+    from search.results import best_checkpoint, find_sweep
+
+    return best_checkpoint(find_sweep(reference[len(RUN_PREFIX):], storage))
+
+
+def _checked_checkpoints(space: Space, recipe: Recipe, storage: str) -> dict[str, str]:
+    """model.init / model.pretrained as absolute checkpoint paths (``run:NAME`` resolved); init=pretrained needs model.pretrained."""
     fixed: dict[str, str] = {}
+    for key in ("model.init", "model.pretrained"):
+        _, field_name = key.split(".")
+        value = getattr(recipe.model, field_name)
+        if isinstance(value, str) and value.startswith(RUN_PREFIX):
+            fixed[key] = resolve_run(value, storage)
+            setattr(recipe.model, field_name, fixed[key])
     inits = {recipe.model.init}
     if "model.init" in space.params:
         inits |= set(space.params["model.init"].edge_values())
@@ -185,6 +212,8 @@ def _checked_checkpoints(space: Space, recipe: Recipe) -> dict[str, str]:
     if recipe.model.init not in ("scratch", PRETRAINED):
         paths["model.init"] = recipe.model.init
     for key, path in paths.items():
+        if key in fixed:
+            continue
         if not os.path.exists(path):
             raise SweepError(f"{key}: checkpoint {path!r} does not exist")
         fixed[key] = os.path.abspath(path)
@@ -226,11 +255,16 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         raise SweepError(f"--set {clash[0]} fixes a key that space {space.name!r} searches; drop one of them")
     base = space.base_recipe()
     recipe = space.check(spec.overrides)
+    if recipe.schedule.hyperrule:
+        # Under the user's --set, over the preset: the sampled keys then move around the rule's values.
+        derived = {k: v for k, v in _hyperrule_keys(recipe).items() if k not in spec.overrides}
+        base = {**base, **derived}
+        recipe = space.check(spec.overrides, base=base)
     data_root = _checked_data(recipe)
     if data_root:
         # Workers may run on other nodes: they need the same path there (shared storage).
         recipe.data.name = data_root
-    checkpoints = _checked_checkpoints(space, recipe)
+    checkpoints = _checked_checkpoints(space, recipe, spec.storage)
     name = spec.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _NAME.match(name):
         raise SweepError(f"--name must be letters, digits, '.', '_' or '-' (at most 128), but got {name!r}")
@@ -368,7 +402,12 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     searcher = None
     if spec.searcher is not None:
-        searcher = build_searcher(spec.searcher, define_by_run(plan.space, {**plan.base, **plan.overrides}), plan.space.metric, plan.space.mode, spec.seed, spec.trials)
+        resolved = flatten(plan.recipe.model_dump())
+        points = [plan.space.start_point(resolved)] if plan.space.start else None
+        searcher = build_searcher(
+            spec.searcher, define_by_run(plan.space, resolved), plan.space.metric, plan.space.mode, spec.seed, spec.trials,
+            points_to_evaluate=points,
+        )
     tune_config = tune.TuneConfig(
         metric=plan.space.metric,
         mode=plan.space.mode,
@@ -392,6 +431,15 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         failure_config=FailureConfig(max_failures=0 if uses_ray_train(plan.recipe, spec.launcher) else spec.max_failures),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _baseline_config(plan: SweepPlan) -> Optional[dict[str, Any]]:
+    """The trial config of the base recipe in a ``start: true`` space (what the first trial samples)."""
+    if not plan.space.start or plan.spec.searcher is None:
+        return None
+    resolved = flatten(plan.recipe.model_dump())
+    point = plan.space.start_point(resolved)
+    return {key: plan.space.params[key].render(value, resolved.get(key)) for key, value in point.items()}
 
 
 def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
@@ -453,6 +501,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         run_id_of=lambda trial_id: tracker.run_ids.get(trial_id),
         out=out,
         resumed=resume,
+        baseline_config=_baseline_config(plan),
     )
     verb = "resuming" if resume else "sweep"
     print(f"{verb} {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)

@@ -104,3 +104,34 @@ def hyperrule(examples: int, image_size: int, batch_size: int = BASE_BATCH_SIZE)
         momentum=MOMENTUM,
         weight_decay=0.0,  # BiT fine-tunes without weight decay
     )
+
+
+def hyperrule_keys(rule: HyperRule, resolution: bool = True) -> dict[str, Any]:
+    """The rule as dotted recipe keys (a step schedule evaluated 5 times).
+
+    BiT trains on random ``crop`` x ``crop`` crops of images resized to ``resize``
+    and tests at ``crop``: here timm's random-resized crop over the matching area
+    range, and the whole image at test (crop_pct 1).
+    """
+    keys: dict[str, Any] = {
+        "optim.name": "momentum",
+        "optim.lr": rule.lr,
+        "optim.momentum": rule.momentum,
+        "optim.weight_decay": rule.weight_decay,
+        "schedule.iterations": rule.steps,
+        "schedule.steps": list(rule.lr_drops),
+        "schedule.warmup_iters": rule.warmup_steps,
+        "schedule.warmup_factor": 1.0 / rule.warmup_steps,  # BiT: lr * step / warmup, from the first step
+        "schedule.eval_period": rule.steps // 5,
+        "reg.mixup_alpha": rule.mixup_alpha,
+    }
+    if resolution:
+        keys.update(
+            {
+                "data.train_size": rule.crop,
+                "data.test_size": rule.crop,
+                "data.crop_pct": 1.0,
+                "data.scale": [round((rule.crop / rule.resize) ** 2, 4), 1.0],
+            }
+        )
+    return keys

@@ -24,6 +24,7 @@ __all__ = [
     "DETECTION_BACKBONES",
     "Recipe",
     "detection_schedule",
+    "step_schedule",
     "init_checkpoint",
     "flatten",
     "unflatten",
@@ -117,6 +118,7 @@ class ModelConfig(_Section):
     norm: Literal["bn", "gn", "syncbn", "frozen_bn"] = "bn"
     init: str = Field("scratch", min_length=1, description="'scratch', 'pretrained' (= model.pretrained) or a local checkpoint path")
     pretrained: Optional[str] = Field(None, description="the checkpoint model.init=pretrained loads (lets a space search scratch vs pretrained)")
+    zero_head: bool = Field(False, description="zero-initialize the classifier (BiT fine-tuning)")
     backbone: Optional[str] = Field(None, description="detection: the torchvision ResNet under the FPN")
     fpn_channels: int = Field(256, ge=32, le=1024, description="detection: FPN and head width (GN: a multiple of 32)")
     anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], description="detection: RPN anchor size per FPN level")
@@ -147,6 +149,8 @@ class DataConfig(_Section):
     color_jitter: Optional[float] = Field(None, ge=0.0, le=1.0, description="color jitter strength, null = off")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="seeded stratified subset of the training set")
     max_images: Optional[int] = Field(None, ge=1, description="detection: at most this many training images (after fraction)")
+    classes: Optional[list[int]] = Field(None, description="classification: keep these class indices, relabelled 0..k-1 in this order")
+    shots_per_class: Optional[int] = Field(None, ge=1, description="classification: exactly this many seeded training examples per class")
     max_size: int = Field(1333, ge=8, le=8192, description="detection: longest image side after resizing")
     scale_jitter: float = Field(
         0.0, ge=0.0, lt=1.0, description="detection: train shorter side drawn from train_size * [1 - j, 1 + j]"
@@ -165,6 +169,13 @@ class DataConfig(_Section):
         low, high = value
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"must be [low, high] with 0 < low <= high <= 1, but got {list(value)}")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (not value or len(set(value)) != len(value) or min(value) < 0):
+            raise ValueError(f"must be distinct class indices >= 0, but got {value}")
         return value
 
     @field_validator("repeated_aug")
@@ -209,7 +220,10 @@ class ScheduleConfig(_Section):
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="detection: warmup starts at lr * factor")
     eval_period: Optional[int] = Field(None, ge=1, description="detection: iterations per evaluation (= one Tune iteration)")
     multiplier: float = Field(
-        1.0, gt=0.0, le=100.0, description="detection: schedule length factor; LR drops keep their distance to the end"
+        1.0, gt=0.0, le=100.0, description="step schedules: length factor (detection: LR drops keep their distance to the end)"
+    )
+    hyperrule: Optional[Literal["full", "schedule"]] = Field(
+        None, description="derive the recipe from the dataset at launch (BiT-HyperRule): full, or schedule (keep the resolution)"
     )
 
     @field_validator("name")
@@ -292,8 +306,12 @@ class Recipe(_Section):
             _check_detection(self)
         elif self.data.name == "digits-det":
             raise ValueError("data.name=digits-det is a detection dataset: it needs task=detection (use data.name=digits)")
+        elif self.schedule.iterations is not None:
+            if self.schedule.eval_period is None:
+                raise ValueError("a step schedule (schedule.iterations) needs schedule.eval_period")
+            _check_steps(self)
         elif self.schedule.multiplier != 1.0:
-            raise ValueError("schedule.multiplier applies to detection schedules; for classification set schedule.epochs")
+            raise ValueError("schedule.multiplier scales step schedules (schedule.iterations); for epochs set schedule.epochs")
         return self
 
 
@@ -311,15 +329,7 @@ def _check_detection(recipe: "Recipe") -> None:
         raise ValueError("data.name=digits is a classification dataset; detection's embedded data is digits-det")
     if schedule.iterations is None or schedule.eval_period is None:
         raise ValueError("task=detection needs schedule.iterations and schedule.eval_period")
-    steps = schedule.steps or []
-    if sorted(steps) != steps or any(not 0 < s < schedule.iterations for s in steps):
-        raise ValueError(f"schedule.steps must increase within (0, {schedule.iterations}), but got {steps}")
-    iterations, steps = detection_schedule(schedule)
-    if any(s <= schedule.warmup_iters for s in steps) or schedule.warmup_iters >= iterations:
-        raise ValueError(
-            f"schedule.multiplier={schedule.multiplier:g} leaves {iterations} iterations with LR drops at {steps}: "
-            f"every drop must come after the {schedule.warmup_iters} warmup iterations"
-        )
+    _check_steps(recipe)
     unused = {
         "reg.mixup_alpha": recipe.reg.mixup_alpha,
         "reg.cutmix_alpha": recipe.reg.cutmix_alpha,
@@ -333,16 +343,40 @@ def _check_detection(recipe: "Recipe") -> None:
             raise ValueError(f"{key} is a classification setting; task=detection takes 0 or null, but got {value!r}")
 
 
-def detection_schedule(schedule: "ScheduleConfig") -> tuple[int, list[int]]:
-    """(iterations, LR-drop steps) after ``schedule.multiplier``.
+def _check_steps(recipe: "Recipe") -> None:
+    schedule = recipe.schedule
+    steps = schedule.steps or []
+    if sorted(steps) != steps or any(not 0 < s < schedule.iterations for s in steps):
+        raise ValueError(f"schedule.steps must increase within (0, {schedule.iterations}), but got {steps}")
+    iterations, steps, warmup = step_schedule(recipe)
+    if any(s <= warmup for s in steps) or warmup >= iterations:
+        raise ValueError(
+            f"schedule.multiplier={schedule.multiplier:g} leaves {iterations} iterations with LR drops at {steps}: "
+            f"every drop must come after the {warmup} warmup iterations"
+        )
 
-    As in *Rethinking ImageNet Pre-training*, a longer schedule keeps the LR drops
-    at the same distance from the end (1x = 90k with drops in the last 60k and
-    20k; 3x = 270k with drops at 210k and 250k): only the first phase grows.
+
+def step_schedule(recipe: "Recipe") -> tuple[int, list[int], int]:
+    """(iterations, LR-drop steps, warmup iterations) of a step schedule after ``schedule.multiplier``.
+
+    Detection, as in *Rethinking ImageNet Pre-training*: a longer schedule keeps
+    the LR drops at the same distance from the end (1x = 90k with drops in the
+    last 60k and 20k; 3x = 270k with drops at 210k and 250k), only the first
+    phase grows. Classification, as the BiT-HyperRule: drops and warmup sit at
+    fixed fractions of the schedule, so all of them scale.
     """
+    schedule = recipe.schedule
     iterations = round(schedule.iterations * schedule.multiplier)
-    steps = [iterations - (schedule.iterations - s) for s in (schedule.steps or [])]
-    return iterations, steps
+    if recipe.task == "detection":
+        return iterations, [iterations - (schedule.iterations - s) for s in (schedule.steps or [])], schedule.warmup_iters
+    scale = schedule.multiplier
+    return iterations, [round(s * scale) for s in (schedule.steps or [])], round(schedule.warmup_iters * scale)
+
+
+def detection_schedule(schedule: "ScheduleConfig") -> tuple[int, list[int]]:
+    """(iterations, LR-drop steps) of a detection schedule (see ``step_schedule``)."""
+    iterations = round(schedule.iterations * schedule.multiplier)
+    return iterations, [iterations - (schedule.iterations - s) for s in (schedule.steps or [])]
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from spaces.errors import RecipeError, SpaceError
 from spaces.recipes import load_recipe
-from spaces.recipe import apply_overrides, known_keys, validate_recipe, Recipe
+from spaces.recipe import Recipe, apply_overrides, flatten, known_keys, validate_recipe
 
 __all__ = ["Param", "Space", "SPACES_DIR", "space_names", "load_space", "define_by_run"]
 
@@ -48,6 +48,7 @@ class Param(BaseModel):
     log: bool = False
     when: dict[str, list[Any]] = Field(default_factory=dict)
     format: Optional[str] = None
+    relative: bool = Field(False, description="low/high (or choices) multiply the base recipe's value of the key")
 
     @model_validator(mode="before")
     @classmethod
@@ -91,17 +92,30 @@ class Param(BaseModel):
             raise ValueError(f"int bounds must be whole numbers, but got [{self.low}, {self.high}]")
         return self
 
-    def render(self, sampled: Any) -> Any:
-        """The recipe value for a sampled value."""
+    def render(self, sampled: Any, base: Any = None) -> Any:
+        """The recipe value for a sampled value (``base``: the base recipe's value, for relative params)."""
+        if self.relative:
+            if not isinstance(base, (int, float)) or isinstance(base, bool):
+                raise SpaceError(f"a relative param multiplies the base recipe's value, which must be a number, but it is {base!r}")
+            value = base * sampled
+            return int(round(value)) if isinstance(base, int) else value
         return self.format.format(sampled) if self.format is not None else sampled
 
-    def edge_values(self) -> list[Any]:
+    def edge_values(self, base: Any = None) -> list[Any]:
         """The values at the space's edges, each checked against the recipe schema."""
         if self.kind == "choice":
-            return [self.render(c) for c in self.choices]
+            return [self.render(c, base) for c in self.choices]
         if self.kind == "int":
-            return [self.render(int(self.low)), self.render(int(self.high))]
-        return [self.render(self.low), self.render(self.high)]
+            return [self.render(int(self.low), base), self.render(int(self.high), base)]
+        return [self.render(self.low, base), self.render(self.high, base)]
+
+    def start_value(self, base: Any) -> Any:
+        """What Optuna samples to reproduce the base recipe's value (1 for a relative param)."""
+        value = 1 if self.relative else base
+        inside = value in self.choices if self.kind == "choice" else self.low <= value <= self.high
+        if not inside:
+            raise SpaceError(f"the base recipe's value {base!r} is outside the param's range, so the space cannot start from it")
+        return value
 
     def suggest(self, trial: Any, key: str) -> Any:
         if self.kind == "choice":
@@ -122,6 +136,7 @@ class Space(BaseModel):
     metric: str = "val/top1"
     mode: Literal["max", "min"] = "max"
     params: dict[str, Param] = Field(default_factory=dict)
+    start: bool = Field(False, description="the first trial is the base recipe itself (a baseline the search must beat)")
 
     @model_validator(mode="after")
     def _keys(self) -> "Space":
@@ -140,18 +155,39 @@ class Space(BaseModel):
         flat.update(overrides or {})
         return flat
 
-    def check(self, overrides: Optional[dict[str, Any]] = None) -> Recipe:
-        """Validate the base recipe and every edge value of every param against the schema."""
-        flat = self.base_recipe(overrides)
+    def check(self, overrides: Optional[dict[str, Any]] = None, base: Optional[dict[str, Any]] = None) -> Recipe:
+        """Validate the base recipe (or the flat ``base``) and every edge value of every param against the schema."""
+        flat = {**base, **(overrides or {})} if base is not None else self.base_recipe(overrides)
         recipe = validate_recipe(apply_overrides(Recipe(), flat))
+        resolved = flatten(recipe.model_dump())
         for key, param in self.params.items():
-            for value in param.edge_values():
+            try:
+                values = param.edge_values(resolved[key])
+            except SpaceError as err:
+                raise SpaceError(f"space {self.name!r}: params.{key}: {err}") from None
+            for value in values:
                 try:
                     validate_recipe(apply_overrides(recipe, {key: value}))
                 except RecipeError as err:
                     reason = str(err).removeprefix("invalid recipe: ")
                     raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {reason}") from None
+        if self.start:
+            self.start_point(resolved)
         return recipe
+
+    def start_point(self, base: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's values for the base recipe (``start: true``), for ``points_to_evaluate``."""
+        point: dict[str, Any] = {}
+        for key, param in self.params.items():
+            if any(point.get(cond, base.get(cond)) not in allowed for cond, allowed in param.when.items()):
+                continue
+            if param.format is not None:
+                raise SpaceError(f"space {self.name!r}: start: true cannot start from formatted param {key}")
+            try:
+                point[key] = param.start_value(base.get(key))
+            except SpaceError as err:
+                raise SpaceError(f"space {self.name!r}: params.{key}: {err}") from None
+        return point
 
 
 def _format_error(err: ValidationError) -> str:
@@ -214,8 +250,8 @@ class DefineByRun:
         for key, param in self.space.params.items():
             if any(values.get(cond, self.base.get(cond)) not in allowed for cond, allowed in param.when.items()):
                 continue
-            values[key] = param.render(param.suggest(trial, key))
-            if param.format is not None:
+            values[key] = param.render(param.suggest(trial, key), self.base.get(key))
+            if param.format is not None or param.relative:
                 rendered[key] = values[key]
         return rendered
 

@@ -8,6 +8,8 @@ bare. Every epoch it evaluates and reports metrics plus a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
 import math
 import os
 import random
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 import timm
 import timm.layers
@@ -28,12 +30,13 @@ from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 from timm.layers import freeze_batch_norm_2d
 from timm.utils import ModelEmaV3
 
 from spaces import OPTIMIZERS, DataError, Recipe, RecipeError, TrainingError, validate_recipe
-from spaces.recipe import init_checkpoint
+from spaces.recipe import init_checkpoint, step_schedule
+from trainables.checkpoints import CHECKPOINT_FILE, load_weights
 from trainables.data import MAX_UNREADABLE_FRACTION, build_datasets, collate_readable, shard
 from trainables.session import Session
 
@@ -42,6 +45,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "build_step_scheduler",
     "build_mixup",
     "build_loss",
     "build_transforms",
@@ -51,7 +55,9 @@ __all__ = [
     "load_checkpoint",
 ]
 
-CHECKPOINT_FILE = "checkpoint.pt"
+
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -66,18 +72,26 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
     if cfg.norm == "gn":
         kwargs["norm_layer"] = timm.layers.GroupNorm  # 32 groups
-    checkpoint = init_checkpoint(cfg)
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise RecipeError(f"model.init must be 'scratch' or a local checkpoint file, but {checkpoint!r} does not exist")
-        # timm loads the local file and drops a classifier whose class count differs.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": checkpoint})
+    if cfg.name.startswith("resnetv2_bit"):
+        importlib.import_module("trainables.bit")  # registers the tiny GN+WS ResNet-v2 with timm
     try:
         model = timm.create_model(cfg.name, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise RecipeError(f"model.name: unknown timm model {cfg.name!r} (see timm.list_models())") from None
         raise
+    checkpoint = init_checkpoint(cfg)
+    if checkpoint is not None:
+        # A new task gets a new classifier: the checkpoint's is left out (timm names it in pretrained_cfg).
+        head = model.pretrained_cfg.get("classifier", "fc")
+        heads = head if isinstance(head, (list, tuple)) else (head,)
+        missing = load_weights(model, checkpoint, skip=tuple(f"{h}." for h in heads))
+        if missing:
+            logger.warning("model.init %s: %d tensors not in the checkpoint keep their initialization (e.g. %s)", checkpoint, len(missing), missing[0])
+    if cfg.zero_head:
+        from trainables.bit import zero_init_head
+
+        zero_init_head(model)
     if cfg.norm == "frozen_bn":
         model = freeze_batch_norm_2d(model)
     elif cfg.norm == "syncbn":
@@ -117,6 +131,23 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_pe
     if scheduler is None:  # timm returns None for names it does not know
         raise RecipeError(f"schedule.name {cfg.name!r} is not a timm scheduler")
     return scheduler
+
+
+def build_step_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> MultiStepLRScheduler:
+    """A step schedule (``schedule.iterations``) through timm: linear warmup from lr * factor, LR / 10 at each step.
+
+    detectron2's WarmupMultiStepLR and the BiT-HyperRule's schedule are both this shape.
+    """
+    _, steps, warmup = step_schedule(recipe)
+    return MultiStepLRScheduler(
+        optimizer,
+        decay_t=[s + 1 for s in steps],  # timm applies milestone m at t = m - 1; the papers drop at iteration m
+        decay_rate=0.1,
+        warmup_t=warmup,
+        warmup_lr_init=recipe.optim.lr * recipe.schedule.warmup_factor,
+        warmup_prefix=False,  # steps count from iteration 0, warmup included
+        t_in_epochs=False,
+    )
 
 
 def build_mixup(recipe: Recipe, num_classes: int) -> Optional[Mixup]:
@@ -309,6 +340,16 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
     train_tf, eval_tf = build_transforms(recipe)
     data = build_datasets(recipe.data, seed, train_tf, eval_tf)
     per_worker_batch = recipe.optim.batch_size // session.world_size
+    step_mode = recipe.schedule.iterations is not None
+    total_updates, num_epochs = 0, recipe.schedule.epochs
+    if step_mode:
+        # A step schedule (BiT): one loop "epoch" is one evaluation period of updates over the
+        # training set repeated as often as it takes (few-shot sets are smaller than a batch).
+        total_updates = step_schedule(recipe)[0]
+        period = recipe.schedule.eval_period
+        num_epochs = math.ceil(total_updates / period)
+        size = len(data.train)
+        data.train = Subset(data.train, [i % size for i in range(period * recipe.optim.batch_size)])
     if per_worker_batch > len(data.train):
         raise RecipeError(
             f"optim.batch_size {recipe.optim.batch_size} exceeds the {len(data.train)} training images "
@@ -341,7 +382,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
     ema = ModelEmaV3(_unwrap(model), decay=recipe.reg.ema_decay) if recipe.reg.ema_decay else None
     optimizer = build_optimizer(recipe, model)
     updates_per_epoch = len(train_loader)
-    scheduler = build_scheduler(recipe, optimizer, updates_per_epoch)
+    scheduler = build_step_scheduler(recipe, optimizer) if step_mode else build_scheduler(recipe, optimizer, updates_per_epoch)
     state = _State(model, optimizer, scheduler, ema, sampler)
     mixup = build_mixup(recipe, data.num_classes)
     loss_fn = build_loss(recipe, mixup is not None).to(device)
@@ -354,7 +395,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
             start_epoch = _restore(state, path)
 
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, recipe.schedule.epochs):
+    for epoch in range(start_epoch, num_epochs):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
@@ -363,6 +404,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
         loss_sum = torch.zeros((), device=device)
         skipped = 0
         num_updates = epoch * updates_per_epoch
+        first_update = num_updates
         for step, (images, targets, batch_skipped) in enumerate(train_loader):
             skipped += batch_skipped
             if images is None:
@@ -393,16 +435,20 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
                 ema.update(_unwrap(model), step=num_updates)
             loss_sum += loss.detach()
             seen += images.shape[0]
+            if step_mode and num_updates >= total_updates:
+                break
         scheduler.step(epoch + 1)
         train_time = time.perf_counter() - started
 
         metrics = {
             "epoch": epoch + 1,
-            "epochs": recipe.schedule.epochs,
-            "train/loss": loss_sum.item() / max(updates_per_epoch, 1),
+            "epochs": num_epochs,
+            "train/loss": loss_sum.item() / max(num_updates - first_update, 1),
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": seen * session.world_size / max(train_time, 1e-9),
         }
+        if step_mode:
+            metrics.update({"iteration": num_updates, "iterations": total_updates})
         model_metrics = evaluate(model, val_loader, device, recipe)
         train_skipped = torch.tensor([float(skipped)], dtype=torch.float64, device=device)
         if dist.is_available() and dist.is_initialized():

@@ -19,6 +19,7 @@ from torchvision.datasets import ImageFolder
 
 from spaces import DataError
 from spaces.recipe import DataConfig
+from trainables.fewshot import shots_per_class_subset, split_classes
 
 __all__ = [
     "EMBEDDED_DATASETS",
@@ -153,25 +154,72 @@ def _image_folder(root: str) -> tuple[Dataset, Dataset, int]:
     return train, val, len(train.classes)
 
 
+class Relabelled(Dataset):
+    """The samples of ``indices`` with labels mapped through ``mapping`` (a class split)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], mapping: dict[int, int]) -> None:
+        self.dataset, self.indices, self.mapping = dataset, list(indices), mapping
+        targets = list(dataset.targets)
+        self.targets = [mapping[targets[i]] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
+        sample = self.dataset[self.indices[index]]
+        return None if sample is None else (sample[0], self.mapping[sample[1]])
+
+
+def _split(dataset: Dataset, classes: list[int], num_classes: int) -> Relabelled:
+    if max(classes) >= num_classes:
+        raise DataError(f"data.classes {classes} names class {max(classes)}, but the dataset has classes 0..{num_classes - 1}")
+    kept = split_classes(dataset.targets, classes)
+    return Relabelled(dataset, kept, {c: i for i, c in enumerate(classes)})
+
+
 def _with_transform(dataset: Dataset, transform: Callable) -> Dataset:
     dataset.transform = transform
     return dataset
 
 
 def build_datasets(cfg: DataConfig, seed: int, train_transform: Callable, eval_transform: Callable) -> Datasets:
-    """The train and val sets a recipe names, with ``data.fraction`` applied to train."""
+    """The train and val sets a recipe names: class split, then few-shot and ``data.fraction`` on train."""
     if cfg.name == "digits":
         train, val, num_classes = _digits(max(cfg.train_size, cfg.test_size))
     else:
         train, val, num_classes = _image_folder(cfg.name)
     _with_transform(train, train_transform)
     _with_transform(val, eval_transform)
+    if cfg.classes is not None:
+        train, val = _split(train, cfg.classes, num_classes), _split(val, cfg.classes, num_classes)
+        num_classes = len(cfg.classes)
     targets = list(train.targets)
+    if cfg.shots_per_class is not None:
+        keep = shots_per_class_subset(targets, cfg.shots_per_class, seed)
+        train = Subset(train, keep)
+        targets = [targets[i] for i in keep]
     if cfg.fraction < 1.0:
         keep = stratified_subset(targets, cfg.fraction, seed)
         train = Subset(train, keep)
         targets = [targets[i] for i in keep]
     return Datasets(train=train, val=val, num_classes=num_classes, train_targets=targets)
+
+
+DIGITS_SIZE = 8  # the bundled digits are 8 x 8 pixels
+
+
+def dataset_stats(cfg: DataConfig, seed: int) -> tuple[int, int]:
+    """(training examples after class split, shots and fraction; original image side), for the BiT-HyperRule."""
+    examples = len(build_datasets(cfg, seed, None, None).train)
+    if cfg.name == "digits":
+        return examples, DIGITS_SIZE
+    first = ReadableImageFolder(os.path.join(cfg.name, "train")).samples[0][0]
+    try:
+        with Image.open(first) as image:
+            width, height = image.size
+    except OSError as err:
+        raise DataError(f"cannot read {first!r} to size the HyperRule: {err}") from None
+    return examples, int(round((width * height) ** 0.5))
 
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:

@@ -17,7 +17,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from timm.scheduler import MultiStepLRScheduler
 
-from spaces import DataError, Recipe, RecipeError, TrainingError, validate_recipe
+from spaces import Recipe, RecipeError, TrainingError, validate_recipe
 from spaces.recipe import detection_schedule, init_checkpoint
 from trainables.classification import (
     CHECKPOINT_FILE,
@@ -45,8 +44,10 @@ from trainables.classification import (
     _set_rng_state,
     _unwrap,
     build_optimizer,
+    build_step_scheduler,
     seed_everything,
 )
+from trainables.checkpoints import load_weights
 from trainables.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, detections_to_coco, digits_det_root, subset_image_ids
 from trainables.session import Session
 
@@ -64,7 +65,6 @@ logger = logging.getLogger(__name__)
 GN_GROUPS = 32  # GroupNorm(32) as in the paper and detectron2
 _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 _ASPECT_RATIOS = (0.5, 1.0, 2.0)
-_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.body.", "backbone.")
 
 
 def _norm_layer(norm: str):
@@ -84,50 +84,9 @@ def train_sizes(recipe: Recipe) -> tuple[int, ...]:
     return tuple(sorted({int(round(s)) for s in np.linspace(low, high, 5)}))
 
 
-def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
-    """A ResNet state dict from a file: this project's checkpoint, a timm / torchvision file, or a directory holding one."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / CHECKPOINT_FILE
-    if not file.is_file():
-        raise DataError(f"model.init: checkpoint {path!r} does not exist (a .pt/.pth/.safetensors file, or a run's checkpoint directory)")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(file))
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise DataError(f"model.init: {path!r} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
-    for key in ("model", "state_dict"):  # this project's checkpoints; common training scripts
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise DataError(f"model.init: {path!r} holds no state dict")
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in _STRIP_PREFIXES:
-            key = key.removeprefix(prefix)
-        cleaned[key] = value
-    return cleaned
-
-
 def load_backbone_weights(backbone: nn.Module, path: str) -> None:
     """Load a classification ResNet's weights into the detector's backbone (its classifier dropped)."""
-    state = {k: v for k, v in _state_dict_from(path).items() if not k.startswith("fc.")}
-    own = backbone.state_dict()
-    shared = [k for k in state if k in own]
-    if not shared:
-        raise DataError(f"model.init: {path!r} holds no ResNet backbone weights (expected keys like conv1.weight, layer1.0.conv1.weight)")
-    wrong = [k for k in shared if state[k].shape != own[k].shape]
-    if wrong:
-        raise DataError(
-            f"model.init: {path!r} does not fit the backbone ({len(wrong)} shapes differ, e.g. {wrong[0]}: "
-            f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); is it a checkpoint of the same ResNet depth?"
-        )
-    backbone.load_state_dict({k: state[k] for k in shared}, strict=False)
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    missing = load_weights(backbone, path, skip=("fc.",))
     if missing:
         # e.g. BN running statistics when the checkpoint was trained with GroupNorm
         logger.warning("model.init %s: %d backbone tensors not in the checkpoint keep their initialization (e.g. %s)", path, len(missing), missing[0])
@@ -180,18 +139,8 @@ def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
 
 
 def build_detection_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> MultiStepLRScheduler:
-    """detectron2's WarmupMultiStepLR through timm: linear warmup from lr * factor, LR / 10 at each step."""
-    schedule = recipe.schedule
-    _, steps = detection_schedule(schedule)
-    return MultiStepLRScheduler(
-        optimizer,
-        decay_t=[s + 1 for s in steps],  # timm applies milestone m at t = m - 1; detectron2 drops at iteration m
-        decay_rate=0.1,
-        warmup_t=schedule.warmup_iters,
-        warmup_lr_init=recipe.optim.lr * schedule.warmup_factor,
-        warmup_prefix=False,  # steps count from iteration 0, warmup included
-        t_in_epochs=False,
-    )
+    """detectron2's WarmupMultiStepLR: linear warmup from lr * factor, LR / 10 at each step."""
+    return build_step_scheduler(recipe, optimizer)
 
 
 @dataclass

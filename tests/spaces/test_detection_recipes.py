@@ -53,7 +53,7 @@ def test_multiplier_keeps_drops_at_the_same_distance_from_the_end():
     r = resolve_recipe("scratch-maskrcnn-r50-gn-3x", {"schedule.multiplier": 2})
     assert detection_schedule(r.schedule) == (540_000, [480_000, 520_000])
     digits = resolve_recipe("scratch-det-digits", {"schedule.multiplier": 3})
-    assert detection_schedule(digits.schedule) == (900, [700, 833])
+    assert detection_schedule(digits.schedule) == (600, [467, 556])
 
 
 def test_small_data_keeps_cocos_epochs():
@@ -84,7 +84,7 @@ def test_bad_detection_recipes_name_the_problem(overrides, fragment):
 def test_classification_refuses_detection_only_settings():
     with pytest.raises(RecipeError, match="task=detection"):
         resolve_recipe("rsb-digits", {"data.name": "digits-det"})
-    with pytest.raises(RecipeError, match="schedule.multiplier applies to detection"):
+    with pytest.raises(RecipeError, match="schedule.multiplier scales step schedules"):
         resolve_recipe("rsb-digits", {"schedule.multiplier": 2})
 
 

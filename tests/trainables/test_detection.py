@@ -75,7 +75,7 @@ def test_backbone_init_errors_are_one_line(tmp_path):
     with pytest.raises(DataError, match="not a readable PyTorch checkpoint"):
         load_backbone_weights(backbone, str(tmp_path / "text.pt"))
     torch.save(timm.create_model("resnet50").state_dict(), tmp_path / "r50.pt")
-    with pytest.raises(DataError, match="same ResNet depth") as err:
+    with pytest.raises(DataError, match="same architecture") as err:
         load_backbone_weights(backbone, str(tmp_path / "r50.pt"))
     assert "\n" not in str(err.value)
 

@@ -111,7 +111,7 @@ def test_drop_path_reaches_the_model():
 def test_unknown_model_and_missing_init_file():
     with pytest.raises(RecipeError, match="unknown timm model 'resnet9000'"):
         build_model(_recipe(model__name="resnet9000"), 10)
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         build_model(_recipe(model__init="/nonexistent/weights.pth"), 10)
 
 
