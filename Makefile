@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-det demo-bit test test-fast bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,19 @@ $(STAMP): pyproject.toml
 # A default sweep: space `rsb` on recipe `rsb-digits`, 12 trials, TPE + ASHA, tracked in ./mlflow.db.
 demo: install
 	$(BIN)/recipe-search sweep rsb --trials 12
+
+# Rethinking ImageNet Pre-training on the embedded digits-det: scratch vs pretrained, 1x and 2x,
+# after an upstream digits classifier for the pretrained backbone (kept in runs/ and reused).
+demo-det: install
+	$(BIN)/recipe-search study rethinking
+
+# BiT transfer: a tiny GN+WS ResNet-v2 on digits 0-4, then HyperRule-centred searches at 1, 5 and 10 shots of 5-9.
+demo-bit: install
+	$(BIN)/recipe-search status bit-upstream-digits > /dev/null 2>&1 || $(BIN)/recipe-search train bit-upstream-digits --name bit-upstream-digits
+	for shots in 1 5 10; do \
+	  $(BIN)/recipe-search sweep bit --trials 6 --name bit-$${shots}shot-$$(date +%Y%m%d-%H%M%S) \
+	    --set data.shots_per_class=$$shots --set model.init=run:bit-upstream-digits || exit 1; \
+	done
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -64,9 +64,20 @@ def grid_points(space: Space) -> int:
     return size
 
 
+class _TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid, without its ``study.stop()`` once every point is visited.
+
+    Outside ``study.optimize`` that call raises, and Tune ends the sweep itself:
+    its ``num_samples`` is the grid's size.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: D102
+        return None
+
+
 def _grid(seed: Optional[int], trials: int, space: Space) -> optuna.samplers.BaseSampler:
     grid_points(space)
-    return optuna.samplers.GridSampler({k: p.choices for k, p in space.params.items()}, seed=seed)
+    return _TuneGridSampler({k: p.choices for k, p in space.params.items()}, seed=seed)
 
 
 def _tpe(seed: Optional[int], trials: int, space: Space) -> optuna.samplers.BaseSampler:

@@ -56,6 +56,9 @@ DataOption = typer.Option(None, "--data", help="'digits' or an ImageFolder root 
 StorageOption = typer.Option("runs", "--storage", help="root folder of sweeps (a shared path on a cluster)")
 TrackingOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]")
 AddressOption = typer.Option(None, "--address", help="Ray cluster to join [default: $RAY_ADDRESS or a local Ray]")
+WorkersOption = typer.Option(None, "--workers", help="Ray Train workers per trial (DDP when > 1)")
+CpusOption = typer.Option(None, "--cpus-per-worker")
+GpusOption = typer.Option(None, "--gpus-per-worker")
 
 
 EXIT_INTERRUPTED = 130
@@ -77,6 +80,9 @@ def _launch(spec, resume: bool = False) -> None:
         print(f"resume it with: recipe-search resume {plan.sweep_dir}")
         raise typer.Exit(EXIT_INTERRUPTED)
     print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
+    if plan.spec.searcher == "grid" and plan.space.name in _studies():
+        _report_study(plan, state)
+        return
     if best:
         print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
         _print_gain(sweep_best(plan.sweep_dir))
@@ -84,6 +90,21 @@ def _launch(spec, resume: bool = False) -> None:
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
     else:
         print("no trial produced a result")
+    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+
+
+def _studies() -> tuple[str, ...]:
+    from search.study import STUDIES
+
+    return STUDIES
+
+
+def _report_study(plan, state: dict[str, Any]) -> None:
+    from search.study import study_report
+
+    report = study_report(plan.sweep_dir, state, plan.tracking_uri, plan.space.metric)
+    print(report["table"])
+    print(f"{plan.space.metric} vs iterations: {report['plot']} (also in MLflow: the parent run of experiment {plan.name}, artifacts study/)")
     print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
 
 
@@ -113,9 +134,9 @@ def sweep(
     searcher: str = typer.Option("tpe", "--searcher", help="tpe, random, cmaes or grid (Optuna samplers)"),
     scheduler: str = typer.Option("asha", "--scheduler", help="asha, hyperband, median or fifo"),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="max trials at once [default: what the cluster fits]"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers per trial (DDP when > 1)"),
-    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    workers: Optional[int] = WorkersOption,
+    cpus_per_worker: Optional[float] = CpusOption,
+    gpus_per_worker: Optional[float] = GpusOption,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="base recipe instead of the space's (preset or YAML)"),
     data: Optional[str] = DataOption,
     sets: list[str] = SetOption,
@@ -143,9 +164,9 @@ def train(
     name: Optional[str] = typer.Option(None, "--name", help="run name [default: train-RECIPE-TIME]"),
     data: Optional[str] = DataOption,
     sets: list[str] = SetOption,
-    workers: Optional[int] = typer.Option(None, "--workers"),
-    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    workers: Optional[int] = WorkersOption,
+    cpus_per_worker: Optional[float] = CpusOption,
+    gpus_per_worker: Optional[float] = GpusOption,
     storage: str = StorageOption,
     tracking_uri: Optional[str] = TrackingOption,
     address: Optional[str] = AddressOption,
@@ -279,16 +300,16 @@ def study(
     name: Optional[str] = typer.Option(None, "--name", help="study name (MLflow experiment) [default: STUDY-TIME]"),
     data: Optional[str] = typer.Option(None, "--data", help="'digits-det' or a COCO root (annotations/instances_train*.json, train*/, val*/)"),
     sets: list[str] = SetOption,
-    workers: Optional[int] = typer.Option(None, "--workers"),
-    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    workers: Optional[int] = WorkersOption,
+    cpus_per_worker: Optional[float] = CpusOption,
+    gpus_per_worker: Optional[float] = GpusOption,
     storage: str = StorageOption,
     tracking_uri: Optional[str] = TrackingOption,
     address: Optional[str] = AddressOption,
 ) -> None:
     """Paired scratch and pretrained trials on the same data and budgets; AP-vs-iterations plot and table in MLflow."""
-    from search.study import STUDIES, rethinking_spec, study_report
-    from search.sweep import SweepSpec, plan_sweep, run_sweep
+    from search.study import STUDIES, rethinking_spec
+    from search.sweep import SweepSpec
 
     if which not in STUDIES:
         _fail(f"unknown study {which!r}; available: {', '.join(STUDIES)}")
@@ -299,18 +320,7 @@ def study(
         space="rethinking", name=name or f"{which}-{time.strftime('%Y%m%d-%H%M%S')}", recipe=recipe, overrides=overrides,
         storage=storage, tracking_uri=tracking_uri, address=address,
     )
-    spec = rethinking_spec(spec, _numbers(schedules, "--schedules"), _numbers(fractions, "--fractions"))
-    plan = plan_sweep(spec)
-    started = time.time()
-    state = run_sweep(plan)
-    if state.get("interrupted"):
-        print(f"\nstudy {plan.name} interrupted; resume it with: recipe-search resume {plan.sweep_dir}")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    report = study_report(plan.sweep_dir, state, plan.tracking_uri, plan.space.metric)
-    print(f"\nstudy {plan.name} done in {(time.time() - started) / 60:.1f} min")
-    print(report["table"])
-    print(f"AP vs iterations: {report['plot']} (also in MLflow, parent run of experiment {plan.name}, artifacts study/)")
-    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+    _launch(rethinking_spec(spec, _numbers(schedules, "--schedules"), _numbers(fractions, "--fractions")))
 
 
 def _numbers(text: str, flag: str) -> list[float]:

@@ -124,6 +124,7 @@ class ModelConfig(_Section):
     anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], description="detection: RPN anchor size per FPN level")
     roi_batch_size: int = Field(512, ge=16, description="detection: sampled RoIs per image for the box head")
     proposals: int = Field(1000, ge=10, description="detection: RPN proposals kept per image at test (twice at training)")
+    detections_per_image: int = Field(100, ge=1, description="detection: most detections kept per image (COCO's maxDets is 100)")
 
     @field_validator("anchor_sizes")
     @classmethod

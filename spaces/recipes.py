@@ -116,8 +116,9 @@ DIGITS_BACKBONE = {
     "loss.name": "ce",
     "reg.mixup_alpha": 0.0,
     "reg.cutmix_alpha": 0.0,
-    "schedule.epochs": 8,
+    "schedule.epochs": 5,  # top-1 0.95 on digits
     "schedule.warmup_epochs": 1,
+    "runtime.cpus_per_worker": 2,  # it runs alone, before the study's trials
 }
 
 # Big Transfer (BiT): fine-tuning by the BiT-HyperRule. The schedule, resolution, mixup and LR
@@ -261,7 +262,8 @@ SCRATCH_DET_DIGITS = {
     "model.fpn_channels": 64,
     "model.anchor_sizes": [8, 16, 32, 64, 128],
     "model.roi_batch_size": 32,
-    "model.proposals": 100,
+    "model.proposals": 50,
+    "model.detections_per_image": 10,  # at most 4 digits a canvas; scoring 100 a canvas tripled the evaluation time
     "data.name": "digits-det",
     "data.train_size": 64,
     "data.test_size": 64,

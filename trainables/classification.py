@@ -253,6 +253,15 @@ def _diverged(loss: torch.Tensor, world_size: int) -> bool:
     return bool(bad.item())
 
 
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: Optional[float]) -> None:
+    """Backward, optional gradient-norm clipping, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 @dataclass
 class _State:
     model: nn.Module
@@ -424,11 +433,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[
                     f"loss became {'non-finite' if torch.isfinite(loss) else loss.item()} at epoch {epoch + 1}, step {step + 1}: "
                     f"the recipe diverged (optim.name={recipe.optim.name}, optim.lr={recipe.optim.lr:g})"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            optimizer.step()
+            optimizer_step(loss, model, optimizer, recipe.optim.grad_clip)
             num_updates += 1
             scheduler.step_update(num_updates=num_updates)
             if ema is not None:

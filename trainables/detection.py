@@ -45,6 +45,7 @@ from trainables.classification import (
     _unwrap,
     build_optimizer,
     build_step_scheduler,
+    optimizer_step,
     seed_everything,
 )
 from trainables.checkpoints import load_weights
@@ -118,6 +119,7 @@ def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
         box_head=box_head,
         box_predictor=FastRCNNPredictor(fc, num_classes),
         box_batch_size_per_image=cfg.roi_batch_size,
+        box_detections_per_img=cfg.detections_per_image,
         # torchvision's defaults at cfg.proposals=1000: 2000 / 1000 before and after NMS
         rpn_pre_nms_top_n_train=2 * cfg.proposals,
         rpn_post_nms_top_n_train=2 * cfg.proposals,
@@ -295,11 +297,7 @@ def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> dict[st
                         f"loss became non-finite at iteration {iteration + 1}: the recipe diverged "
                         f"(optim.lr={recipe.optim.lr:g}, model.norm={recipe.model.norm}, model.init={recipe.model.init})"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe.optim.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-                optimizer.step()
+                optimizer_step(loss, model, optimizer, recipe.optim.grad_clip)
                 iteration += 1
                 scheduler.step_update(num_updates=iteration)
                 for name, value in losses.items():

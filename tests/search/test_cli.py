@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from spaces import known_keys, recipe_names, space_names
+from spaces import define_by_run, known_keys, recipe_names, space_names
 
 CLI = [sys.executable, "-m", "search.cli"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,7 +47,7 @@ def test_recipes_set_overrides(workdir):
 
 
 BAD_INPUT = [
-    (["sweep", "nope"], "unknown space 'nope'; available: det, rethinking, rsb"),
+    (["sweep", "nope"], "unknown space 'nope'; available: bit, det, rethinking, rsb"),
     (["sweep", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["sweep", "--trials", "0"], "--trials must be at least 1, but got 0"),
     (["sweep", "--workers", "0"], "runtime.workers"),
@@ -159,3 +159,23 @@ def test_coco_eval_malformed_files_fail_in_one_line(workdir, coco_files):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, result.stderr)
+
+
+def test_grid_searcher_visits_every_point_once_and_never_stops_the_study():
+    import optuna
+
+    from search.algorithms import PruneAwareOptunaSearch, build_searcher
+    from spaces import load_space, resolve_recipe
+    from spaces.recipe import flatten
+
+    space = load_space("rethinking")
+    base = flatten(resolve_recipe(space.recipe, {"model.pretrained": "/ckpt"}).model_dump())
+    searcher = build_searcher("grid", define_by_run(space, base), "val/bbox_AP", "max", seed=0, trials=4)
+    assert isinstance(searcher, PruneAwareOptunaSearch)
+    seen = []
+    for i in range(4):
+        config = searcher.suggest(str(i))
+        seen.append((config["model.init"], config["schedule.multiplier"]))
+        searcher.on_trial_complete(str(i), {"val/bbox_AP": 0.1 * i, "iteration": 1, "iterations": 1})  # the last one used to raise
+    assert sorted(seen) == [("pretrained", 1), ("pretrained", 2), ("scratch", 1), ("scratch", 2)]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in searcher.study.trials)

@@ -76,7 +76,7 @@ def test_study_rethinking_pairs_scratch_and_pretrained_with_plot_and_table(ray_s
         app, ["study", "rethinking", "--name", "study-e2e", "--schedules", "1", "--pretrained", "r18-gn.pt", "--storage", "runs", *sets]
     )
     assert result.exit_code == 0, result.output
-    assert "| 1 | 1x | 4 |" in result.output  # data, schedule, iterations; then scratch and pretrained AP
+    assert "| 1 | 1x | 4 |" in result.output and "study.png" in result.output  # data, schedule, iterations; both APs
     sweep_dir = workdir / "runs" / "study-e2e"
     assert (sweep_dir / "study.png").stat().st_size > 10_000
     table = (sweep_dir / "study.md").read_text()

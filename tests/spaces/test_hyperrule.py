@@ -117,3 +117,31 @@ def test_bad_input_raises_one_line_recipe_error(kwargs, key):
     message = str(info.value)
     assert key in message and "\n" not in message
     assert f"got {kwargs[key]}" in message
+
+
+def test_hyperrule_as_recipe_keys():
+    from spaces import resolve_recipe
+    from spaces.hyperrule import hyperrule_keys
+
+    keys = hyperrule_keys(hyperrule(50_000, 224, batch_size=128))
+    assert keys["schedule.iterations"] == 10_000 and keys["schedule.steps"] == [3000, 6000, 9000]
+    assert keys["schedule.warmup_iters"] == 500 and keys["schedule.eval_period"] == 2000
+    assert keys["optim.lr"] == pytest.approx(0.00075) and keys["optim.weight_decay"] == 0.0 and keys["optim.momentum"] == 0.9
+    assert keys["reg.mixup_alpha"] == 0.1
+    assert (keys["data.train_size"], keys["data.test_size"], keys["data.scale"]) == (384, 384, [0.7347, 1.0])
+    assert "data.train_size" not in hyperrule_keys(hyperrule(100, 8), resolution=False)
+    resolve_recipe("bit-hyperrule", keys)  # a valid recipe
+
+
+def test_space_bit_starts_at_the_hyperrule_and_searches_around_it():
+    from spaces import load_space, resolve_recipe
+    from spaces.recipe import flatten
+
+    space = load_space("bit")
+    assert space.start and space.recipe == "bit-digits"
+    base = flatten(resolve_recipe("bit-digits").model_dump())
+    assert space.start_point(base) == {"optim.lr": 1, "schedule.multiplier": 1.0, "reg.mixup_alpha": 0.0, "data.train_size": 1.0}
+    lr = space.params["optim.lr"]
+    assert lr.edge_values(base["optim.lr"]) == pytest.approx([base["optim.lr"] * 0.1, base["optim.lr"] * 10])
+    assert space.params["data.train_size"].edge_values(32) == [24, 32, 40]
+    space.check()

@@ -55,7 +55,7 @@ def test_values_outside_the_recipe_schema_are_rejected_at_check():
 
 
 def test_unknown_and_malformed_space_files(tmp_path):
-    with pytest.raises(SpaceError, match="unknown space 'nope'; available: det, rethinking, rsb"):
+    with pytest.raises(SpaceError, match="unknown space 'nope'; available: bit, det, rethinking, rsb"):
         load_space("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
@@ -94,3 +94,30 @@ def test_define_by_run_pickles():
     trial = optuna.create_study().ask()
     fn(trial)
     assert "optim.lr" in trial.params
+
+
+def test_relative_params_and_start_points():
+    from spaces.recipe import flatten
+
+    space = parse_space(
+        {"name": "rel", "recipe": "rsb-digits", "start": True,
+         "params": {"optim.lr": {"loguniform": [0.5, 2.0], "relative": True}, "optim.name": {"choice": ["lamb", "sgd"]}}},
+        "test",
+    )
+    recipe = space.check()
+    base = flatten(recipe.model_dump())
+    assert space.start_point(base) == {"optim.lr": 1, "optim.name": "lamb"}
+
+    class Trial:  # what Optuna's trial answers for the start point
+        def suggest_float(self, key, low, high, log=False):
+            return 1.0
+
+        def suggest_categorical(self, key, choices):
+            return choices[0]
+
+    assert define_by_run(space, base)(Trial()) == {"optim.lr": base["optim.lr"]}  # rendered: absolute LR
+    off = parse_space({"name": "off", "recipe": "rsb-digits", "start": True, "params": {"optim.name": {"choice": ["adamw", "sgd"]}}}, "test")
+    with pytest.raises(SpaceError, match="outside the param's range"):
+        off.check()
+    with pytest.raises(SpaceError, match="must be a number"):
+        parse_space({"name": "x", "recipe": "rsb-digits", "params": {"data.rand_augment": {"choice": [1.0], "relative": True}}}, "test").check()
