@@ -97,6 +97,17 @@ class SweepMonitor(Callback):
             "baseline": previous.get("baseline"),
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; a terminal stream does not pickle
+        # (the test runner's capture stream) and would be stale when the state is restored.
+        state = dict(self.__dict__)
+        state["out"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.out = self.out or sys.stdout
+
     def _print(self, text: str) -> None:
         elapsed = time.time() - self.started
         print(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {text}", file=self.out, flush=True)
