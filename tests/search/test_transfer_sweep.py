@@ -25,7 +25,7 @@ def test_transfer_sweep_starts_from_the_hyperrule_and_reports_the_gain(ray_sessi
     storage = str(workdir / "runs")
     upstream = SweepSpec(
         space=Space(name="train-bit-upstream-digits", recipe="bit-upstream-digits", params={}), name="upstream",
-        overrides={"schedule.epochs": 1, "data.fraction": 0.3}, trials=1, searcher=None, scheduler="fifo", storage=storage,
+        overrides={"schedule.epochs": 1, "schedule.warmup_epochs": 0, "data.fraction": 0.3}, trials=1, searcher=None, scheduler="fifo", storage=storage,
     )
     run_sweep(plan_sweep(upstream), out=io.StringIO())
 
