@@ -33,6 +33,7 @@ from spaces import (
     resolve_recipe,
 )
 from spaces.recipe import PRETRAINED
+from spaces.space import DEFAULT_METRICS
 
 __all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "run_sweep", "init_ray", "SPEC_FILE", "BEST_RECIPE_FILE", "LOG_FILE"]
 
@@ -255,6 +256,8 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         raise SweepError(f"--set {clash[0]} fixes a key that space {space.name!r} searches; drop one of them")
     base = space.base_recipe()
     recipe = space.check(spec.overrides)
+    if space.metric is None:
+        space = space.model_copy(update={"metric": DEFAULT_METRICS[recipe.task]})
     if recipe.schedule.hyperrule:
         # Under the user's --set, over the preset: the sampled keys then move around the rule's values.
         derived = {k: v for k, v in _hyperrule_keys(recipe).items() if k not in spec.overrides}

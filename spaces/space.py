@@ -33,6 +33,8 @@ from spaces.recipe import Recipe, apply_overrides, flatten, known_keys, validate
 __all__ = ["Param", "Space", "SPACES_DIR", "space_names", "load_space", "define_by_run"]
 
 SPACES_DIR = Path(__file__).parent / "presets"
+# What a space optimizes when it does not say.
+DEFAULT_METRICS = {"classification": "val/top1", "detection": "val/bbox_AP"}
 _KINDS = ("uniform", "loguniform", "int", "choice")
 
 
@@ -133,7 +135,7 @@ class Space(BaseModel):
     name: str = Field(min_length=1)
     description: str = ""
     recipe: str = Field(min_length=1, description="base recipe: a preset name or a YAML file")
-    metric: str = "val/top1"
+    metric: Optional[str] = Field(None, description="what the search optimizes [default: val/top1, detection val/bbox_AP]")
     mode: Literal["max", "min"] = "max"
     params: dict[str, Param] = Field(default_factory=dict)
     start: bool = Field(False, description="the first trial is the base recipe itself (a baseline the search must beat)")
@@ -173,6 +175,10 @@ class Space(BaseModel):
                     raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {reason}") from None
         if self.start:
             self.start_point(resolved)
+        metric = self.metric or DEFAULT_METRICS[recipe.task]
+        other = [m for task, m in DEFAULT_METRICS.items() if task != recipe.task]
+        if any(metric.split("_")[0] == m.split("_")[0] for m in other) or (recipe.task == "detection" and metric.startswith("val/top")):
+            raise SpaceError(f"space {self.name!r}: metric {metric!r} is not reported by task={recipe.task} (e.g. {DEFAULT_METRICS[recipe.task]})")
         return recipe
 
     def start_point(self, base: dict[str, Any]) -> dict[str, Any]:

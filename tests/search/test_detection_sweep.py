@@ -18,7 +18,7 @@ from search.sweep import SweepSpec, plan_sweep, run_sweep
 from search.upstream import needs_upstream
 from spaces import load_space, parse_space, resolve_recipe
 
-pytestmark = pytest.mark.slow
+
 
 # Seconds per trial: 4-6 iterations at batch 2 on 8 training canvases, evaluated on digits-det's val set.
 TINY = {
@@ -41,6 +41,7 @@ def _children(experiment):
     return client, parents[0], children
 
 
+@pytest.mark.slow
 def test_detection_sweep_reports_ap_per_eval_period_and_asha_stops_by_it(ray_session, workdir):
     space = parse_space(
         {"name": "lr", "recipe": "scratch-det-digits", "metric": "val/bbox_AP", "params": {"optim.lr": {"choice": [0.01, 1.0e-9]}}}, "test"
@@ -68,6 +69,7 @@ def test_detection_sweep_reports_ap_per_eval_period_and_asha_stops_by_it(ray_ses
     assert state["best"]["metric"] == "val/bbox_AP"
 
 
+@pytest.mark.slow
 def test_study_rethinking_pairs_scratch_and_pretrained_with_plot_and_table(ray_session, workdir):
     backbone = timm.create_model("resnet18", num_classes=10, norm_layer=timm.layers.GroupNorm)
     torch.save(backbone.state_dict(), workdir / "r18-gn.pt")
@@ -98,3 +100,12 @@ def test_pretraining_is_chained_only_where_it_is_needed():
     assert not needs_upstream(load_space("rsb"), resolve_recipe("rsb-digits"))
     fixed = parse_space({"name": "x", "recipe": "scratch-det-digits", "params": {"optim.lr": {"choice": [0.01]}}}, "test")
     assert not needs_upstream(fixed, recipe)
+
+
+def test_a_space_without_a_metric_optimizes_its_tasks_own(workdir):
+    from spaces import Space
+
+    detection = plan_sweep(SweepSpec(space=Space(name="train-det", recipe="scratch-det-digits"), searcher=None, trials=1, storage=str(workdir / "runs")))
+    assert detection.space.metric == "val/bbox_AP"
+    classification = plan_sweep(SweepSpec(space=Space(name="train-cls", recipe="digits-smoke"), searcher=None, trials=1, storage=str(workdir / "runs")))
+    assert classification.space.metric == "val/top1"
