@@ -133,6 +133,8 @@ class SweepMonitor(Callback):
         self._save()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        for known in trials:  # records (and ordinals) in the order Tune created the trials, not the order they start
+            self._record(known)
         record = self._record(trial)
         resumed = record["status"] != "PENDING"
         record["status"] = "RUNNING"

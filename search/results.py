@@ -82,7 +82,7 @@ def trial_rows(sweep_dir: str) -> list[dict[str, Any]]:
 
 def trial_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:
     """The newest checkpoint directory a trial left: in its Tune folder, or its Ray Train run's folder."""
-    from trainables.classification import CHECKPOINT_FILE
+    from trainables.checkpoints import CHECKPOINT_FILE
 
     root = Path(sweep_dir)
     found = [

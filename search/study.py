@@ -50,13 +50,8 @@ def _label(multiplier: float) -> str:
     return f"{multiplier:g}x"
 
 
-def _curves(sweep_dir: str, state: dict[str, Any], tracking_uri: str, metric: str) -> list[dict[str, Any]]:
+def _curves(client, runs: dict[str, Any], state: dict[str, Any], metric: str) -> list[dict[str, Any]]:
     """Per trial: its init, multiplier, fraction and the metric's history from MLflow (step = iteration)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    with open(os.path.join(sweep_dir, META_DIR, "mlflow_runs.json")) as f:
-        runs = json.load(f)
     curves = []
     for trial_id, record in state["trials"].items():
         config = record.get("config") or {}
@@ -143,7 +138,10 @@ def study_report(sweep_dir: str, state: dict[str, Any], tracking_uri: str, metri
     """Plot, table and JSON of a finished study, written next to the sweep and logged to its MLflow parent run."""
     from mlflow.tracking import MlflowClient
 
-    curves = _curves(sweep_dir, state, tracking_uri, metric)
+    client = MlflowClient(tracking_uri)
+    with open(os.path.join(sweep_dir, META_DIR, "mlflow_runs.json")) as f:
+        runs = json.load(f)
+    curves = _curves(client, runs, state, metric)
     table = format_table(curves, metric)
     plot_path = os.path.join(sweep_dir, PLOT_FILE)
     table_path = os.path.join(sweep_dir, TABLE_FILE)
@@ -152,10 +150,8 @@ def study_report(sweep_dir: str, state: dict[str, Any], tracking_uri: str, metri
         f.write(table + "\n")
     with open(os.path.join(sweep_dir, RESULTS_FILE), "w") as f:
         json.dump(curves, f, indent=1)
-    with open(os.path.join(sweep_dir, META_DIR, "mlflow_runs.json")) as f:
-        parent = json.load(f).get("parent_run_id")
+    parent = runs.get("parent_run_id")
     if parent:
-        client = MlflowClient(tracking_uri)
         for path in (plot_path, table_path):
             client.log_artifact(parent, path, artifact_path="study")
         for curve in curves:

@@ -154,7 +154,6 @@ def _hyperrule_keys(recipe: Recipe) -> dict[str, Any]:
     from spaces.hyperrule import hyperrule, hyperrule_keys
     from trainables.data import dataset_stats
 
-    _checked_data(recipe)
     examples, image_size = dataset_stats(recipe.data, recipe.runtime.seed)
     rule = hyperrule(examples, image_size, recipe.optim.batch_size)
     return hyperrule_keys(rule, resolution=recipe.schedule.hyperrule == "full")
@@ -258,12 +257,12 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     recipe = space.check(spec.overrides)
     if space.metric is None:
         space = space.model_copy(update={"metric": DEFAULT_METRICS[recipe.task]})
+    data_root = _checked_data(recipe)
     if recipe.schedule.hyperrule:
         # Under the user's --set, over the preset: the sampled keys then move around the rule's values.
         derived = {k: v for k, v in _hyperrule_keys(recipe).items() if k not in spec.overrides}
         base = {**base, **derived}
         recipe = space.check(spec.overrides, base=base)
-    data_root = _checked_data(recipe)
     if data_root:
         # Workers may run on other nodes: they need the same path there (shared storage).
         recipe.data.name = data_root

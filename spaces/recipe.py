@@ -367,11 +367,10 @@ def step_schedule(recipe: "Recipe") -> tuple[int, list[int], int]:
     fixed fractions of the schedule, so all of them scale.
     """
     schedule = recipe.schedule
-    iterations = round(schedule.iterations * schedule.multiplier)
     if recipe.task == "detection":
-        return iterations, [iterations - (schedule.iterations - s) for s in (schedule.steps or [])], schedule.warmup_iters
+        return (*detection_schedule(schedule), schedule.warmup_iters)
     scale = schedule.multiplier
-    return iterations, [round(s * scale) for s in (schedule.steps or [])], round(schedule.warmup_iters * scale)
+    return round(schedule.iterations * scale), [round(s * scale) for s in (schedule.steps or [])], round(schedule.warmup_iters * scale)
 
 
 def detection_schedule(schedule: "ScheduleConfig") -> tuple[int, list[int]]:

@@ -33,14 +33,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from timm.scheduler import MultiStepLRScheduler
 
 from spaces import Recipe, RecipeError, TrainingError, validate_recipe
-from spaces.recipe import detection_schedule, init_checkpoint
+from spaces.recipe import init_checkpoint, step_schedule
 from trainables.classification import (
     CHECKPOINT_FILE,
     _autocast,
     _diverged,
+    _rng_state,
     _set_rng_state,
     _unwrap,
     build_optimizer,
@@ -54,7 +54,6 @@ from trainables.session import Session
 
 __all__ = [
     "build_detector",
-    "build_detection_scheduler",
     "detection_datasets",
     "evaluate_detector",
     "load_backbone_weights",
@@ -140,11 +139,6 @@ def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
     return model
 
 
-def build_detection_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> MultiStepLRScheduler:
-    """detectron2's WarmupMultiStepLR: linear warmup from lr * factor, LR / 10 at each step."""
-    return build_step_scheduler(recipe, optimizer)
-
-
 @dataclass
 class DetectionData:
     train: CocoDetection
@@ -220,8 +214,6 @@ def _epoch_order(sampler: DistributedSampler, epoch: int, skip: int) -> list[int
 
 
 def _save(model: nn.Module, optimizer, scheduler, iteration: int, recipe: Recipe, directory: str) -> None:
-    from trainables.classification import _rng_state
-
     torch.save(
         {
             "model": _unwrap(model).state_dict(),
@@ -256,8 +248,8 @@ def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> dict[st
 
     model = session.prepare_model(build_detector(recipe, data.num_classes))
     optimizer = build_optimizer(recipe, model)
-    scheduler = build_detection_scheduler(recipe, optimizer)
-    iterations, steps = detection_schedule(schedule)
+    scheduler = build_step_scheduler(recipe, optimizer)  # detectron2's WarmupMultiStepLR
+    iterations = step_schedule(recipe)[0]
 
     iteration = 0
     with session.restored_checkpoint() as path:

@@ -14,7 +14,8 @@ import timm.layers
 
 from spaces import DataError, resolve_recipe
 from trainables.coco import write_digits_det
-from trainables.detection import build_detection_scheduler, build_detector, load_backbone_weights, train_detector, train_sizes
+from trainables.classification import build_step_scheduler
+from trainables.detection import build_detector, load_backbone_weights, train_detector, train_sizes
 from trainables.session import LocalSession
 
 TINY = {
@@ -83,7 +84,7 @@ def test_backbone_init_errors_are_one_line(tmp_path):
 def test_warmup_then_lr_divided_by_10_at_each_step():
     recipe = _recipe(**{"schedule.iterations": 100, "schedule.steps": [60, 90], "schedule.warmup_iters": 10, "schedule.eval_period": 50})
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=recipe.optim.lr)
-    scheduler = build_detection_scheduler(recipe, optimizer)
+    scheduler = build_step_scheduler(recipe, optimizer)
     lr = recipe.optim.lr
 
     def at(iteration):
