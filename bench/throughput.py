@@ -59,7 +59,7 @@ def bare_loop(recipe, epochs: int) -> float:
 def trainable(recipe) -> float:
     session = LocalSession()
     train_classifier(recipe, session)
-    return sum(r["images_per_s"] for r in session.reports) / len(session.reports)
+    return sum(r.metrics["images_per_s"] for r in session.reports) / len(session.reports)
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from search.sweep import SweepSpec, init_ray, plan_sweep, run_sweep  # noqa: E402
+from search.plan import SweepSpec, plan_sweep  # noqa: E402
+from search.sweep import init_ray, run_sweep  # noqa: E402
 from spaces import parse_space  # noqa: E402
 
 

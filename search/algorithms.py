@@ -24,8 +24,9 @@ from ray.tune.schedulers import (
 from ray.tune.search.optuna import OptunaSearch
 
 from spaces import Space, SpaceError, SweepError
+from trainables.report import TrialReport
 
-__all__ = ["SEARCHERS", "SCHEDULERS", "PruneAwareOptunaSearch", "build_searcher", "build_scheduler", "ran_to_completion"]
+__all__ = ["SEARCHERS", "SCHEDULERS", "PruneAwareOptunaSearch", "build_searcher", "build_scheduler", "check_names", "grid_points"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +117,6 @@ def check_names(searcher: str, scheduler: str) -> None:
     _known("scheduler", SCHEDULERS, scheduler)
 
 
-def progress(result: Optional[dict[str, Any]]) -> tuple[int, Optional[int], str]:
-    """(done, total, unit) of a result: epochs for classification, iterations for detection."""
-    result = result or {}
-    if "iterations" in result:
-        return int(result.get("iteration") or 0), result["iterations"], "iteration"
-    return int(result.get("epoch") or 0), result.get("epochs"), "epoch"
-
-
-def ran_to_completion(result: Optional[dict[str, Any]]) -> bool:
-    """Whether a trial's last result is its final epoch or iteration (not cut short by a scheduler)."""
-    done, total, _ = progress(result)
-    return bool(result) and done >= (total if total is not None else math.inf)
-
-
 class PruneAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about trials a scheduler stopped.
 
@@ -148,10 +135,11 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
-        value = (result or {}).get(self.metric)
-        if error or value is None or not math.isfinite(value):
+        report = TrialReport.from_result(result)
+        value = report.metrics.get(self.metric) if report else None
+        if error or report is None or report.failed or value is None or not math.isfinite(value):
             state, value = TrialState.FAIL, None
-        elif ran_to_completion(result):
+        elif report.completed:
             state = TrialState.COMPLETE
         else:
             # Tune hands a trial's last result to on_trial_complete, not on_trial_result,

@@ -23,7 +23,9 @@ from spaces import (
     recipe_to_yaml,
     resolve_recipe,
     space_names,
+    validate_recipe,
 )
+from spaces.recipe import check_applies
 
 app = typer.Typer(
     name="recipe-search",
@@ -65,38 +67,35 @@ EXIT_INTERRUPTED = 130
 
 
 def _launch(spec, resume: bool = False) -> None:
+    from search.layout import BEST_RECIPE_FILE, count_states
+    from search.plan import plan_sweep
     from search.results import sweep_best
-    from search.sweep import BEST_RECIPE_FILE, plan_sweep, run_sweep
+    from search.study import STUDIES
+    from search.upstream import run_with_upstream  # Ray, Tune, MLflow: imported when a sweep runs
 
     plan = plan_sweep(spec, resume=resume)
     started = time.time()
-    state = run_sweep(plan, resume=resume)
+    state = run_with_upstream(plan, resume=resume)
     best = state.get("best")
     minutes = (time.time() - started) / 60
-    counts = _counts(state)
+    counts = count_states(state)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     if state.get("interrupted"):
         print(f"\nsweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.")
         print(f"resume it with: recipe-search resume {plan.sweep_dir}")
         raise typer.Exit(EXIT_INTERRUPTED)
     print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
-    if plan.spec.searcher == "grid" and plan.space.name in _studies():
+    if plan.spec.searcher == "grid" and plan.space.name in STUDIES:
         _report_study(plan, state)
         return
     if best:
         print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
         _print_gain(sweep_best(plan.sweep_dir))
-        print(recipe_to_yaml(_recipe(best["recipe"])).rstrip())
+        print(recipe_to_yaml(validate_recipe(best["recipe"])).rstrip())
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
     else:
         print("no trial produced a result")
     print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
-
-
-def _studies() -> tuple[str, ...]:
-    from search.study import STUDIES
-
-    return STUDIES
 
 
 def _report_study(plan, state: dict[str, Any]) -> None:
@@ -112,18 +111,6 @@ def _print_gain(info: Optional[dict[str, Any]], prefix: str = "") -> None:
     if info and "gain" in info:
         base = info["baseline"]
         print(f"{prefix}base recipe (trial {base['trial_id']}): {info['metric']}={base['value']:.4f}; the best beats it by {info['gain']:+.4f}")
-
-
-def _counts(state: dict[str, Any]) -> dict[str, int]:
-    from search.monitor import count_states
-
-    return count_states(state)
-
-
-def _recipe(data: dict[str, Any]):
-    from spaces import Recipe
-
-    return Recipe.model_validate(data)
 
 
 @app.command()
@@ -147,7 +134,7 @@ def sweep(
     grace_period: int = typer.Option(3, "--grace-period", help="epochs (detection: evaluations) every trial gets before early stopping"),
 ) -> None:
     """Search a recipe space: Optuna proposes, ASHA stops weak trials early, MLflow records every trial."""
-    from search.sweep import SweepSpec
+    from search.plan import SweepSpec
 
     overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     spec = SweepSpec(
@@ -172,7 +159,7 @@ def train(
     address: Optional[str] = AddressOption,
 ) -> None:
     """Train one recipe, no search; tracked in MLflow like a sweep."""
-    from search.sweep import SweepSpec
+    from search.plan import SweepSpec
 
     overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     load_recipe(recipe)  # fail on an unknown recipe before anything else
@@ -192,8 +179,8 @@ def resume(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: the sweep's own]"),
 ) -> None:
     """Continue a stopped sweep: finished trials stay done, interrupted ones go on from their checkpoints."""
-    from search.results import find_sweep
-    from search.sweep import load_sweep_spec
+    from search.layout import find_sweep
+    from search.plan import load_sweep_spec
 
     _launch(load_sweep_spec(find_sweep(sweep_name, storage), tracking_uri), resume=True)
 
@@ -205,8 +192,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Trials by state and the best so far (also while the sweep runs)."""
-    from search.monitor import driver_gone, read_state
-    from search.results import find_sweep, sweep_status, trial_rows
+    from search.layout import driver_gone, find_sweep, read_state
+    from search.results import sweep_status, trial_rows
 
     sweep_dir = find_sweep(sweep_name, storage)
     info = sweep_status(sweep_dir)
@@ -216,11 +203,11 @@ def status(
     print(f"sweep {info['name']} ({info['path']}): " + ", ".join(f"{n} {s.lower()}" for s, n in info["trials"].items()))
     if driver_gone(read_state(sweep_dir)):
         print(f"  its driver has stopped: recipe-search resume {sweep_dir}")
+    metric = read_state(sweep_dir)["metric"]
     for row in trial_rows(sweep_dir):
-        metric = [k for k in row if k not in ("trial_id", "status", "epoch", "unit", "error")][0]
-        value = row[metric]
+        value = row["value"]
         shown = f"{metric}={value:.4f}" if isinstance(value, float) else ""
-        print(f"  {row['trial_id']}  {row['status']:<28} {row['unit']} {row['epoch']:<9} {shown} {row['error'] or ''}".rstrip())
+        print(f"  {row['trial_id']}  {row['status']:<28} {row['progress']:<16} {shown} {row['error'] or ''}".rstrip())
     best = info["best"]
     if best:
         print(f"best: trial {best['trial_id']} {best['metric']}={best['value']:.4f}")
@@ -234,13 +221,14 @@ def best(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the best recipe to this YAML file"),
 ) -> None:
     """The best trial's recipe (reusable with 'train' or '--recipe')."""
-    from search.results import find_sweep, sweep_best
+    from search.layout import find_sweep
+    from search.results import sweep_best
 
     sweep_dir = find_sweep(sweep_name, storage)
     info = sweep_best(sweep_dir)
     if info is None:
         _fail(f"sweep {sweep_dir!r} has no finished trial with a result yet")
-    text = recipe_to_yaml(_recipe(info["recipe"]))
+    text = recipe_to_yaml(validate_recipe(info["recipe"]))
     if output:
         with open(output, "w") as f:
             f.write(text)
@@ -269,7 +257,9 @@ def recipes(
             base, _, description = RECIPE_PRESETS[preset]
             print(f"{preset:<34} {description}" + (f" [base: {base}]" if base else ""))
         return
-    recipe = resolve_recipe(name, parse_overrides(sets or []))
+    overrides = parse_overrides(sets or [])
+    recipe = resolve_recipe(name, overrides)
+    check_applies(recipe, list(overrides), f"recipe {name}", "--set ")
     if as_json:
         print(recipe.model_dump_json(indent=1))
     else:
@@ -308,8 +298,8 @@ def study(
     address: Optional[str] = AddressOption,
 ) -> None:
     """Paired scratch and pretrained trials on the same data and budgets; AP-vs-iterations plot and table in MLflow."""
+    from search.plan import SweepSpec
     from search.study import STUDIES, rethinking_spec
-    from search.sweep import SweepSpec
 
     if which not in STUDIES:
         _fail(f"unknown study {which!r}; available: {', '.join(STUDIES)}")

@@ -20,14 +20,12 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from spaces import Recipe
+from trainables.report import Progress, TrialReport, Unit
 
-from search.algorithms import progress, ran_to_completion
-from search.trial import ERROR_KEY, FAILED_KEY
-from search.tracking import trial_error
+from search.layout import STATE_FILE, read_state
+from search.tracking import error_line
 
-__all__ = ["STATE_FILE", "SweepMonitor", "read_state", "better"]
-
-STATE_FILE = "recipe-search/state.json"  # see search.sweep.META_DIR
+__all__ = ["SweepMonitor", "better"]
 
 
 def better(value: float, than: Optional[float], mode: str) -> bool:
@@ -38,14 +36,6 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def read_state(sweep_dir: str) -> Optional[dict[str, Any]]:
-    path = os.path.join(sweep_dir, STATE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 class SweepMonitor(Callback):
@@ -143,27 +133,30 @@ class SweepMonitor(Callback):
         self._print(f"trial {self._ordinal(trial)} {trial.trial_id} {'resumed' if resumed else 'started'}: {sampled or '(base recipe)'}")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        report = TrialReport.from_result(result)
+        if report is None or report.progress is None:
+            return  # a failure: on_trial_complete records it
         record = self._record(trial)
-        record["epoch"], record["epochs"], record["unit"] = progress(result)
-        record["train_s"] = record.get("train_s", 0.0) + float(result.get("epoch_s", result.get("period_s", 0.0)))
-        record["metrics"] = {
-            k: v for k, v in result.items() if ("/" in k or k in ("lr", "epoch", "iteration")) and isinstance(v, (int, float))
-        }
+        record["progress"] = report.progress.as_dict()
+        record["metrics"] = report.metrics
+        # Time spent training and evaluating, for the overhead benchmark (wall time minus this).
+        record["train_s"] = record.get("train_s", 0.0) + report.metrics.get("epoch_s", report.metrics.get("period_s", 0.0))
         self._save()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        result = trial.last_result or {}
-        if result.get(FAILED_KEY):
-            self._failed(trial, result[ERROR_KEY])
+        report = TrialReport.from_result(trial.last_result)
+        if report is not None and report.failed:
+            self._failed(trial, report.error)
             return
         record = self._record(trial)
         record["status"] = "TERMINATED"
-        complete = ran_to_completion(result)
+        complete = report is not None and report.completed
         record["stopped_early"] = not complete
-        value = result.get(self.metric)
+        value = report.metrics.get(self.metric) if report else None
         line = f"trial {self._ordinal(trial)} {trial.trial_id} "
-        done, total, unit = progress(result)
-        line += f"finished {done} {unit}s" if complete else f"stopped early at {unit} {done}/{total}"
+        progress = report.progress if report and report.progress else Progress(0, 0, Unit.EPOCH)
+        unit = progress.unit.value
+        line += f"finished {progress.done} {unit}s" if complete else f"stopped early at {unit} {progress.done}/{progress.total}"
         is_baseline = self.baseline_config is not None and _same(trial.config, self.baseline_config) and not self.state.get("baseline")
         if is_baseline:
             self.state["baseline"] = {"trial_id": trial.trial_id, "value": value if isinstance(value, (int, float)) and math.isfinite(value) else None}
@@ -182,7 +175,7 @@ class SweepMonitor(Callback):
             "metric": self.metric,
             "mode": self.mode,
             "value": value,
-            "epoch": record.get("epoch"),
+            "progress": record.get("progress"),
             "mlflow_run_id": self.run_id_of(trial_id),
             "recipe": self.recipe_of(record["config"]).model_dump(mode="json"),
         }
@@ -207,7 +200,7 @@ class SweepMonitor(Callback):
         self._save()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._failed(trial, trial_error(trial))
+        self._failed(trial, error_line(trial))
 
     def _failed(self, trial: Trial, error: str) -> None:
         record = self._record(trial)
@@ -242,26 +235,3 @@ def _same(config: dict[str, Any], expected: dict[str, Any]) -> bool:
         elif got != value:
             return False
     return True
-
-
-def driver_gone(state: dict[str, Any]) -> bool:
-    """Whether an unfinished sweep's driver is known to have stopped (checked on its own host only)."""
-    driver = state.get("driver") or {}
-    if state.get("finished") or driver.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(driver["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, KeyError, ValueError):
-        return False
-    return False
-
-
-def count_states(state: dict[str, Any]) -> dict[str, int]:
-    """Trials by state; those not yet created count as PENDING."""
-    counts = {"TERMINATED": 0, "ERROR": 0, "RUNNING": 0, "PENDING": 0}
-    for record in state["trials"].values():
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-    counts["PENDING"] += max(0, state["num_samples"] - sum(counts.values()))
-    return counts

@@ -19,7 +19,8 @@ from typing import Any
 
 from spaces import Param, SweepError, load_space
 
-from search.sweep import META_DIR, SweepSpec
+from search.layout import META_DIR, read_run_map
+from search.plan import SweepSpec
 
 __all__ = ["STUDIES", "rethinking_spec", "study_report", "format_table"]
 
@@ -65,7 +66,7 @@ def _curves(client, runs: dict[str, Any], state: dict[str, Any], metric: str) ->
                 "init": config.get("model.init"),
                 "multiplier": float(config.get("schedule.multiplier", 1.0)),
                 "fraction": float(config.get("data.fraction", 1.0)),
-                "iterations": record.get("epochs"),
+                "length": (record.get("progress") or {}).get("total"),
                 "history": history,
                 "final": {k: v for k, v in final.items() if k.startswith("val/")},
                 "error": record.get("error"),
@@ -97,7 +98,7 @@ def format_table(curves: list[dict[str, Any]], metric: str) -> str:
             gap = f"{float(cell('pretrained', metric)) - float(cell('scratch', metric)):+.4f}"
         except ValueError:
             pass
-        iterations = next((c["iterations"] for c in row.values() if c["iterations"]), "?")
+        iterations = next((c["length"] for c in row.values() if c["length"]), "?")
         lines.append(
             f"| {fraction:g} | {_label(multiplier)} | {iterations} | {cell('scratch', metric)} | {cell('pretrained', metric)} | {gap} "
             f"| {cell('scratch', second)} | {cell('pretrained', second)} |"
@@ -124,7 +125,7 @@ def _plot(curves: list[dict[str, Any]], metric: str, path: str, title: str) -> N
                 linestyle="--" if curve["init"] == "scratch" else "-",
                 label=f"{'random init' if curve['init'] == 'scratch' else 'pretrained backbone'}, {_label(curve['multiplier'])}",
             )
-        ax.set_xlabel("iterations")
+        ax.set_xlabel("training iterations")
         ax.set_ylabel(metric.removeprefix("val/").replace("_", " "))
         ax.set_title(f"{title}: {fraction:g} of the training data" if len(fractions) > 1 else title)
         ax.grid(alpha=0.3)
@@ -139,8 +140,7 @@ def study_report(sweep_dir: str, state: dict[str, Any], tracking_uri: str, metri
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    with open(os.path.join(sweep_dir, META_DIR, "mlflow_runs.json")) as f:
-        runs = json.load(f)
+    runs = read_run_map(sweep_dir)
     curves = _curves(client, runs, state, metric)
     table = format_table(curves, metric)
     plot_path = os.path.join(sweep_dir, PLOT_FILE)

@@ -21,11 +21,13 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from spaces import Recipe, SweepError, flatten, recipe_to_yaml
+from trainables.report import TrialReport
 
-__all__ = ["DEFAULT_TRACKING_URI", "resolve_tracking_uri", "MlflowTracking", "RUNS_FILE"]
+from search.layout import RUNS_FILE
+
+__all__ = ["DEFAULT_TRACKING_URI", "resolve_tracking_uri", "check_tracking_uri", "MlflowTracking", "error_line"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RUNS_FILE = "recipe-search/mlflow_runs.json"  # see search.sweep.META_DIR
 TAG_TRIAL = "recipe_search.trial_id"
 TAG_SWEEP = "recipe_search.sweep"
 TAG_RECIPE = "recipe_search.recipe"
@@ -39,19 +41,6 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
         # Make the relative default absolute: the driver may chdir, and the UI needs the same file.
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     return uri
-
-
-_PLAIN_METRICS = ("lr", "images_per_s", "epoch_s", "period_s")
-
-
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    """The trainable's own metrics (``val/top1``, ``lr``, ...), not Tune's bookkeeping."""
-    chosen = {}
-    for key, value in metrics.items():
-        if ("/" in key or key in _PLAIN_METRICS) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(value):
-                chosen[key] = float(value)
-    return chosen
 
 
 class MlflowTracking(Callback):
@@ -190,12 +179,14 @@ class MlflowTracking(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
+        report = TrialReport.from_result(result)
+        if run_id is None or report is None or report.progress is None:
             return
-        step = int(result.get("iteration", result.get("epoch", result.get("training_iteration", 0))))
+        step = report.progress.done  # the epoch, or the iteration (detection, step schedules)
         if step > self.last_steps.get(trial.trial_id, 0):  # an epoch re-done after a restart is not logged twice
             now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, step) for k, v in _numeric(result).items()]
+            values = {**report.metrics, report.progress.unit.value: step}
+            metrics = [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
             self.client.log_batch(run_id, metrics=metrics)
             self.last_steps[trial.trial_id] = step
             self._save_map()
@@ -209,17 +200,14 @@ class MlflowTracking(Callback):
         self.client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        from search.algorithms import ran_to_completion
-        from search.trial import ERROR_KEY, FAILED_KEY
-
-        result = trial.last_result or {}
-        if result.get(FAILED_KEY):
-            self._finish(trial, "FAILED", error=result.get(ERROR_KEY))
+        report = TrialReport.from_result(trial.last_result)
+        if report is not None and report.failed:
+            self._finish(trial, "FAILED", error=report.error)
         else:
-            self._finish(trial, "FINISHED" if ran_to_completion(result) else "KILLED")
+            self._finish(trial, "FINISHED" if report is not None and report.completed else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._finish(trial, "FAILED", error=trial_error(trial))
+        self._finish(trial, "FAILED", error=error_line(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self.parent_run_id is None or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials):
@@ -240,7 +228,7 @@ class MlflowTracking(Callback):
                 self.client.set_terminated(run_id, status="KILLED")
 
 
-def trial_error(trial: Trial) -> str:
+def error_line(trial: Trial) -> str:
     """The last line worth showing of a failed trial's error."""
     text = ""
     path = getattr(trial, "error_file", None)

@@ -11,14 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from spaces import Recipe, RecipeSearchError, resolve_recipe
+from trainables.report import TrialReport
 
 __all__ = ["LAUNCHERS", "run_trial", "trial_resources", "uses_ray_train"]
 
 # auto: Ray Train only when a trial has several workers; train: always Ray Train.
 LAUNCHERS = ("auto", "train")
-# A trial whose recipe fails deterministically ends with a last result holding these.
-FAILED_KEY = "trial_failed"
-ERROR_KEY = "trial_error"
 
 
 def uses_ray_train(recipe: Recipe, launcher: str = "auto") -> bool:
@@ -44,11 +42,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     except RecipeSearchError as err:
         # Every worker raises at the same step (divergence is checked collectively); reporting
         # instead of raising keeps Ray Train from restarting a recipe that fails the same way.
-        ray.train.report(_failure(config["metric"], err))
-
-
-def _failure(metric: str, err: RecipeSearchError) -> dict[str, Any]:
-    return {metric: float("nan"), FAILED_KEY: 1, ERROR_KEY: f"{type(err).__name__}: {err}"}
+        ray.train.report(TrialReport.failure(config["metric"], err).to_result())
 
 
 def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_failures: int, metric: str) -> None:
@@ -91,8 +85,8 @@ def run_trial(
     """Tune function trainable: ``config`` holds the sampled dotted keys.
 
     A recipe that is invalid or diverges fails the same way on every retry, so it
-    is not raised (Tune would retry it): the trial ends with a last result
-    flagged ``trial_failed`` and a NaN metric, which the searcher records as
+    is not raised (Tune would retry it): the trial ends with a FAILED
+    ``TrialReport`` (the error, a NaN metric), which the searcher records as
     FAIL, the tracker as FAILED, and the sweep's state as ERROR. Crashes
     (a killed process, a lost node) still raise and are retried.
     """
@@ -108,4 +102,4 @@ def run_trial(
 
             train_recipe(recipe, TuneSession())
     except RecipeSearchError as err:
-        tune.report(_failure(metric, err))
+        tune.report(TrialReport.failure(metric, err).to_result())

@@ -13,27 +13,25 @@ import sys
 from typing import Any, Optional
 
 from spaces import Recipe, Space, SweepError
-from spaces.recipe import PRETRAINED
 
-__all__ = ["UPSTREAM_RECIPE", "needs_upstream", "upstream_checkpoint"]
+from search.layout import SPEC_FILE, best_checkpoint, read_state
+from search.plan import UPSTREAM_RECIPE, SweepPlan, SweepSpec, load_sweep_spec, needs_upstream, plan_sweep
+from search.sweep import run_sweep
 
-UPSTREAM_RECIPE = "digits-backbone"
+__all__ = ["run_with_upstream", "upstream_checkpoint"]
 
 
-def needs_upstream(space: Space, recipe: Recipe) -> bool:
-    """Whether a sweep may load ``model.pretrained`` on digits-det and none is given."""
-    inits = {recipe.model.init}
-    if "model.init" in space.params:
-        inits |= set(space.params["model.init"].edge_values())
-    return recipe.task == "detection" and recipe.data.name == "digits-det" and PRETRAINED in inits and not recipe.model.pretrained
+def run_with_upstream(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
+    """``run_sweep``, after the upstream run a detection plan on digits-det needs for its pretrained arm."""
+    if needs_upstream(plan.space, plan.recipe):
+        checkpoint = upstream_checkpoint(plan.recipe, plan.storage_root, plan.tracking_uri, plan.spec.address, out)
+        plan.overrides["model.pretrained"] = checkpoint
+        plan.recipe.model.pretrained = checkpoint
+    return run_sweep(plan, out=out, resume=resume)
 
 
 def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str], address: Optional[str], out=None) -> str:
     """Train (or reuse) the digits classifier of ``recipe``'s backbone; return its checkpoint directory."""
-    from search.monitor import read_state
-    from search.results import best_checkpoint
-    from search.sweep import SPEC_FILE, SweepSpec, plan_sweep, run_sweep
-
     out = out or sys.stdout
     norm = "gn" if recipe.model.norm == "gn" else "bn"
     name = f"upstream-digits-{recipe.model.backbone}-{norm}"
@@ -51,8 +49,6 @@ def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str
         searcher=None, scheduler="fifo", storage=storage, tracking_uri=tracking_uri, address=address,
     )
     if resume:
-        from search.sweep import load_sweep_spec
-
         spec = load_sweep_spec(sweep_dir, tracking_uri)
     state = run_sweep(plan_sweep(spec, resume=resume), out=out, resume=resume)
     if state.get("interrupted"):

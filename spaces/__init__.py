@@ -1,12 +1,18 @@
-"""What is searched: recipes, search spaces and their presets (pure data, no Ray, no torch)."""
+"""What is searched: recipes, search spaces and their presets (pure data: no Ray, no torch).
+
+The one library this package asks at validation time is timm's optimizer registry
+(names, and which optimizers take momentum): once per timm version, then read from the cache.
+"""
 
 from __future__ import annotations
 
 from spaces.errors import DataError, RecipeError, RecipeSearchError, SpaceError, SweepError, TrainingError
 from spaces.recipes import RECIPE_PRESETS, load_recipe, load_recipe_file, preset_overrides, recipe_names, resolve_recipe
 from spaces.recipe import (
-    OPTIMIZERS,
     SCHEDULES,
+    TASKS,
+    ClassificationRecipe,
+    DetectionRecipe,
     Recipe,
     apply_overrides,
     check_keys,
@@ -14,14 +20,16 @@ from spaces.recipe import (
     known_keys,
     parse_overrides,
     recipe_to_yaml,
+    task_keys,
     unflatten,
     validate_recipe,
 )
 from spaces.space import SPACES_DIR, Param, Space, define_by_run, load_space, parse_space, space_names
 
 __all__ = [
+    "ClassificationRecipe",
     "DataError",
-    "OPTIMIZERS",
+    "DetectionRecipe",
     "Param",
     "RECIPE_PRESETS",
     "Recipe",
@@ -32,6 +40,7 @@ __all__ = [
     "Space",
     "SpaceError",
     "SweepError",
+    "TASKS",
     "TrainingError",
     "apply_overrides",
     "check_keys",
@@ -48,6 +57,7 @@ __all__ = [
     "recipe_to_yaml",
     "resolve_recipe",
     "space_names",
+    "task_keys",
     "unflatten",
     "validate_recipe",
 ]

@@ -4,45 +4,65 @@ A recipe is a nested pydantic model whose dotted keys (``optim.lr``,
 ``reg.mixup_alpha``) are the contract for ``--set``, search spaces, MLflow params
 and JSON output. Field names follow the factory arguments they feed in timm
 (``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup``, ``create_transform``).
+
+There is one recipe per task, a discriminated union on ``task``: shared sections
+(optimizer, runtime, the step-schedule fields) are common models, and each task
+holds only the keys it uses. A key that applies only under a condition
+(``optim.momentum`` for optimizers with momentum, ``loss.target_threshold`` for
+BCE, the epoch or the step fields of a classification schedule) is dropped when
+it does not apply, so dumps, MLflow params and ``best -o`` show what a run used.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from spaces.errors import RecipeError
+from spaces.optimizers import optimizer_names, takes_momentum
 
 __all__ = [
-    "OPTIMIZERS",
+    "TASKS",
     "SCHEDULES",
     "DETECTORS",
     "DETECTION_BACKBONES",
+    "PRETRAINED",
+    "ClassificationRecipe",
+    "DetectionRecipe",
     "Recipe",
+    "CONDITIONS",
+    "check_applies",
     "detection_schedule",
     "step_schedule",
     "init_checkpoint",
+    "optimizer_takes_momentum",
     "flatten",
     "unflatten",
     "parse_value",
     "parse_overrides",
     "apply_overrides",
+    "task_keys",
+    "known_keys",
+    "check_keys",
+    "drop_legacy_keys",
     "validate_recipe",
     "recipe_to_yaml",
 ]
 
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """One optimizer of timm's registry that recipes may name."""
-
-    name: str
-    description: str
-    uses_momentum: bool = False
+TASKS = ("classification", "detection")
 
 
 @dataclass(frozen=True)
@@ -51,35 +71,35 @@ class ScheduleSpec:
 
     name: str
     description: str
+    takes_decay_rate: bool = False  # step/multistep: LR factor; poly: the power
 
 
-# Names are timm's (``timm.optim.list_optimizers()``); a test checks each one there.
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    spec.name: spec
-    for spec in (
-        OptimizerSpec("lamb", "LAMB, layer-wise adaptive (ResNet strikes back)"),
-        OptimizerSpec("adamw", "AdamW, decoupled weight decay"),
-        OptimizerSpec("sgd", "SGD with Nesterov momentum", uses_momentum=True),
-        OptimizerSpec("momentum", "SGD with classic (heavy-ball) momentum", uses_momentum=True),
-        OptimizerSpec("lars", "LARS, layer-wise trust ratio on SGD", uses_momentum=True),
-        OptimizerSpec("adam", "Adam"),
-        OptimizerSpec("rmsproptf", "RMSProp, TensorFlow flavour", uses_momentum=True),
-        OptimizerSpec("lion", "Lion, sign momentum"),
-    )
-}
-
+# timm's create_scheduler_v2 returns None for a name it does not know: this registry is the check.
 SCHEDULES: dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in (
         ScheduleSpec("cosine", "cosine decay to min_lr after a linear warmup"),
-        ScheduleSpec("step", "LR times decay_rate every decay_epochs"),
-        ScheduleSpec("multistep", "LR times decay_rate at each milestone"),
-        ScheduleSpec("poly", "polynomial decay"),
+        ScheduleSpec("step", "LR times decay_rate every decay_epochs", takes_decay_rate=True),
+        ScheduleSpec("multistep", "LR times decay_rate at each milestone", takes_decay_rate=True),
+        ScheduleSpec("poly", "polynomial decay, power decay_rate", takes_decay_rate=True),
         ScheduleSpec("tanh", "tanh decay"),
     )
 }
 
 UNKNOWN_NAME = "unknown {what} {name!r}; available: {available}"
+OTHER_TASK_KEY = "{key} is a {owner} key; {recipe} is {task}"
+
+
+def optimizer_takes_momentum(name: str) -> bool:
+    """Whether timm's optimizer ``name`` takes a momentum argument (``timm.optim.get_optimizer_info``)."""
+    return takes_momentum(name)
+
+
+def _check_optimizer(name: str) -> str:
+    available = optimizer_names()
+    if name not in available:
+        raise ValueError(UNKNOWN_NAME.format(what="optimizer", name=name, available=", ".join(available)))
+    return name
 
 
 def _known(what: str, registry: dict[str, Any], name: str) -> str:
@@ -89,17 +109,83 @@ def _known(what: str, registry: dict[str, Any], name: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    """A recipe section. Fields in ``conditional`` are left out of dumps when they do not apply (None)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    conditional: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_inapplicable(self, handler: Any) -> Any:
+        data = handler(self)
+        for key in self.conditional:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
 
-# Detection architectures (torchvision) and the ResNets they take as backbone.
+def _not_applying(data: Any, fields: tuple[str, ...]) -> Any:
+    """Before-validation: the fields that do not apply become None (and leave the dumps)."""
+    if isinstance(data, dict):
+        data = {**data, **{f: None for f in fields}}
+    return data
+
+
+def _defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Before-validation: the fields that apply get their defaults where unset."""
+    return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+
+
+# -- model ---------------------------------------------------------------------------------
 DETECTORS = ("mask_rcnn", "faster_rcnn")
 DETECTION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 # model.init=pretrained loads model.pretrained: a space can then search scratch vs pretrained.
 PRETRAINED = "pretrained"
+Norm = Literal["bn", "gn", "syncbn", "frozen_bn"]
 
 
-def init_checkpoint(model: "ModelConfig") -> Optional[str]:
+class ModelConfig(_Section):
+    """What every task's model takes: name, normalization, initialization."""
+
+    name: str = Field("resnet50", min_length=1, description="timm model name; detection: mask_rcnn or faster_rcnn")
+    norm: Norm = "bn"
+    init: str = Field("scratch", min_length=1, description="'scratch', 'pretrained' (= model.pretrained) or a local checkpoint path")
+    pretrained: Optional[str] = Field(None, description="the checkpoint model.init=pretrained loads (lets a space search scratch vs pretrained)")
+
+
+class ClassificationModel(ModelConfig):
+    """A timm classifier."""
+
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth")
+    zero_head: bool = Field(False, description="zero-initialize the classifier (BiT fine-tuning)")
+
+
+class DetectionModel(ModelConfig):
+    """A torchvision Mask / Faster R-CNN on a ResNet + FPN."""
+
+    name: Literal["mask_rcnn", "faster_rcnn"] = "mask_rcnn"
+    norm: Norm = "gn"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field("resnet50", description="the torchvision ResNet under the FPN")
+    fpn_channels: int = Field(256, ge=32, le=1024, description="FPN and head width (GN: a multiple of 32)")
+    anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], description="RPN anchor size per FPN level")
+    roi_batch_size: int = Field(512, ge=16, description="sampled RoIs per image for the box head")
+    proposals: int = Field(1000, ge=10, description="RPN proposals kept per image at test (twice at training)")
+    detections_per_image: int = Field(100, ge=1, description="most detections kept per image (COCO's maxDets is 100)")
+
+    @field_validator("anchor_sizes")
+    @classmethod
+    def _five_levels(cls, value: list[int]) -> list[int]:
+        if len(value) != 5 or any(v <= 0 for v in value):
+            raise ValueError(f"must be 5 positive sizes, one per FPN level (P2..P6), but got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _gn_groups(self) -> "DetectionModel":
+        if self.norm == "gn" and self.fpn_channels % 32:
+            raise ValueError(f"model.fpn_channels must be a multiple of 32 with GroupNorm(32), but got {self.fpn_channels}")
+        return self
+
+
+def init_checkpoint(model: ModelConfig) -> Optional[str]:
     """The checkpoint a model starts from, or None for random initialization."""
     if model.init == "scratch":
         return None
@@ -110,52 +196,36 @@ def init_checkpoint(model: "ModelConfig") -> Optional[str]:
     return model.init
 
 
-class ModelConfig(_Section):
-    """Architecture knobs a recipe may set (the architecture itself is ``name``)."""
-
-    name: str = Field("resnet50", min_length=1, description="timm model name; detection: mask_rcnn or faster_rcnn")
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth")
-    norm: Literal["bn", "gn", "syncbn", "frozen_bn"] = "bn"
-    init: str = Field("scratch", min_length=1, description="'scratch', 'pretrained' (= model.pretrained) or a local checkpoint path")
-    pretrained: Optional[str] = Field(None, description="the checkpoint model.init=pretrained loads (lets a space search scratch vs pretrained)")
-    zero_head: bool = Field(False, description="zero-initialize the classifier (BiT fine-tuning)")
-    backbone: Optional[str] = Field(None, description="detection: the torchvision ResNet under the FPN")
-    fpn_channels: int = Field(256, ge=32, le=1024, description="detection: FPN and head width (GN: a multiple of 32)")
-    anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], description="detection: RPN anchor size per FPN level")
-    roi_batch_size: int = Field(512, ge=16, description="detection: sampled RoIs per image for the box head")
-    proposals: int = Field(1000, ge=10, description="detection: RPN proposals kept per image at test (twice at training)")
-    detections_per_image: int = Field(100, ge=1, description="detection: most detections kept per image (COCO's maxDets is 100)")
-
-    @field_validator("anchor_sizes")
-    @classmethod
-    def _five_levels(cls, value: list[int]) -> list[int]:
-        if len(value) != 5 or any(v <= 0 for v in value):
-            raise ValueError(f"must be 5 positive sizes, one per FPN level (P2..P6), but got {value}")
-        return value
-
-
+# -- data ----------------------------------------------------------------------------------
 class DataConfig(_Section):
-    """Dataset, resolution and augmentation (timm ``create_transform`` arguments)."""
+    """What every task's data takes: the dataset, sizes, flips, a seeded subset."""
 
     name: str = Field("digits", min_length=1, description="'digits' or an ImageFolder root with train/ and val/; detection: 'digits-det' or a COCO root")
-    train_size: int = Field(224, ge=8, le=4096)
-    test_size: int = Field(224, ge=8, le=4096)
+    train_size: int = Field(224, ge=8, le=4096, description="train resolution (detection: shorter side)")
+    test_size: int = Field(224, ge=8, le=4096, description="test resolution (detection: shorter side)")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="horizontal flip probability")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="seeded subset of the training set")
+
+
+class ClassificationData(DataConfig):
+    """Resolution and augmentation (timm ``create_transform`` arguments), class splits and shots."""
+
     crop_pct: float = Field(0.95, gt=0.0, le=1.0, description="test crop ratio")
     scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
     interpolation: Literal["bicubic", "bilinear", "nearest", "random"] = "bicubic"
-    hflip: float = Field(0.5, ge=0.0, le=1.0, description="horizontal flip probability")
     rand_augment: Optional[str] = Field(None, description="timm RandAugment string, e.g. rand-m7-mstd0.5-inc1")
     repeated_aug: int = Field(0, ge=0, le=16, description="repeated augmentation count, 0 = off")
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
     color_jitter: Optional[float] = Field(None, ge=0.0, le=1.0, description="color jitter strength, null = off")
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="seeded stratified subset of the training set")
-    max_images: Optional[int] = Field(None, ge=1, description="detection: at most this many training images (after fraction)")
-    classes: Optional[list[int]] = Field(None, description="classification: keep these class indices, relabelled 0..k-1 in this order")
-    shots_per_class: Optional[int] = Field(None, ge=1, description="classification: exactly this many seeded training examples per class")
-    max_size: int = Field(1333, ge=8, le=8192, description="detection: longest image side after resizing")
-    scale_jitter: float = Field(
-        0.0, ge=0.0, lt=1.0, description="detection: train shorter side drawn from train_size * [1 - j, 1 + j]"
-    )
+    classes: Optional[list[int]] = Field(None, description="keep these class indices, relabelled 0..k-1 in this order")
+    shots_per_class: Optional[int] = Field(None, ge=1, description="exactly this many seeded training examples per class")
+
+    @field_validator("name")
+    @classmethod
+    def _classification_data(cls, value: str) -> str:
+        if value == "digits-det":
+            raise ValueError("data.name=digits-det is a detection dataset: it needs task=detection (use data.name=digits)")
+        return value
 
     @field_validator("rand_augment")
     @classmethod
@@ -187,68 +257,155 @@ class DataConfig(_Section):
         return value
 
 
+class DetectionData(DataConfig):
+    """A COCO root, its seeded subsets and the detector's resizing."""
+
+    name: str = Field("digits-det", min_length=1, description="'digits-det' or a COCO root (annotations/instances_train*.json, train*/, val*/)")
+    train_size: int = Field(800, ge=8, le=4096, description="train shorter side")
+    test_size: int = Field(800, ge=8, le=4096, description="test shorter side")
+    max_images: Optional[int] = Field(None, ge=1, description="at most this many training images (after fraction)")
+    max_size: int = Field(1333, ge=8, le=8192, description="longest image side after resizing")
+    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="train shorter side drawn from train_size * [1 - j, 1 + j]")
+
+    @field_validator("name")
+    @classmethod
+    def _detection_data(cls, value: str) -> str:
+        if value == "digits":
+            raise ValueError("data.name=digits is a classification dataset; detection's embedded data is digits-det")
+        return value
+
+
+# -- optimizer -----------------------------------------------------------------------------
 class OptimConfig(_Section):
-    """Optimizer (timm ``create_optimizer_v2``) and batch."""
+    """Optimizer (timm ``create_optimizer_v2``) and batch; ``momentum`` only for optimizers that take it."""
+
+    conditional: ClassVar[frozenset[str]] = frozenset({"momentum"})
 
     name: str = "lamb"
     lr: float = Field(5e-3, gt=0.0, le=100.0)
     weight_decay: float = Field(0.01, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: Optional[float] = Field(None, ge=0.0, lt=1.0, description="optimizers with momentum only [default 0.9]")
     batch_size: int = Field(256, ge=1, description="global batch over all workers")
     grad_clip: Optional[float] = Field(None, gt=0.0, description="max gradient norm, null = off")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _momentum_applies(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("name", "lamb"), str):
+            return data
+        name = data.get("name", "lamb")
+        if name not in optimizer_names():
+            return data  # the name's own check says what is wrong
+        if optimizer_takes_momentum(name):
+            return _defaults(data, {"momentum": 0.9})
+        return _not_applying(data, ("momentum",))
 
     @field_validator("name")
     @classmethod
     def _optimizer_name(cls, value: str) -> str:
-        return _known("optimizer", OPTIMIZERS, value)
+        return _check_optimizer(value)
 
 
-class ScheduleConfig(_Section):
-    """LR schedule (timm ``create_scheduler_v2``), stepped every iteration."""
+# -- schedule ------------------------------------------------------------------------------
+_STEP_DEFAULTS = {"warmup_iters": 0, "warmup_factor": 0.001, "multiplier": 1.0}
+_EPOCH_DEFAULTS = {"name": "cosine", "epochs": 100, "warmup_epochs": 5, "warmup_lr": 1e-6, "min_lr": 1e-6}
 
-    name: str = "cosine"
-    epochs: int = Field(100, ge=1)
-    warmup_epochs: int = Field(5, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0.0)
-    min_lr: float = Field(1e-6, ge=0.0)
-    decay_rate: float = Field(0.1, gt=0.0, le=1.0, description="step/multistep: LR factor at each decay")
+
+class StepSchedule(_Section):
+    """A schedule by iterations (detectron2's, the BiT-HyperRule's): warmup, then LR / 10 at each step."""
+
+    iterations: Optional[int] = Field(None, ge=1, description="training length in iterations (SGD updates)")
+    steps: Optional[list[int]] = Field(None, description="iterations at which the LR is divided by 10")
+    warmup_iters: Optional[int] = Field(None, ge=0, description="linear warmup length [default 0]")
+    warmup_factor: Optional[float] = Field(None, gt=0.0, le=1.0, description="warmup starts at lr * factor [default 0.001]")
+    eval_period: Optional[int] = Field(None, ge=1, description="iterations per evaluation (= one Tune iteration)")
+    multiplier: Optional[float] = Field(
+        None, gt=0.0, le=100.0, description="length factor [default 1] (detection: LR drops keep their distance to the end)"
+    )
+
+    @model_validator(mode="after")
+    def _steps_inside(self) -> "StepSchedule":
+        if self.iterations is None:
+            return self
+        if self.eval_period is None:
+            raise ValueError("a step schedule (schedule.iterations) needs schedule.eval_period")
+        steps = self.steps or []
+        if sorted(steps) != steps or any(not 0 < s < self.iterations for s in steps):
+            raise ValueError(f"schedule.steps must increase within (0, {self.iterations}), but got {steps}")
+        return self
+
+
+class DetectionSchedule(StepSchedule):
+    """Detectors train by iterations; Nx keeps the LR drops at their distance to the end."""
+
+    iterations: int = Field(90_000, ge=1, description="training length in iterations at 1x")
+    eval_period: int = Field(5_000, ge=1, description="iterations per COCO evaluation (= one Tune iteration)")
+    warmup_iters: int = Field(0, ge=0, description="linear warmup length")
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="warmup starts at lr * factor")
+    multiplier: float = Field(1.0, gt=0.0, le=100.0, description="Nx: the first phase grows, the LR drops keep their distance to the end")
+
+
+class ClassificationSchedule(StepSchedule):
+    """By epochs (timm ``create_scheduler_v2``, stepped every iteration) or, with ``iterations``, by steps."""
+
+    _EPOCH_FIELDS: ClassVar[tuple[str, ...]] = ("name", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "decay_rate", "decay_epochs", "decay_milestones")
+    _STEP_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "warmup_iters", "warmup_factor", "eval_period", "multiplier")
+    conditional: ClassVar[frozenset[str]] = frozenset(_EPOCH_FIELDS + _STEP_FIELDS + ("iterations", "hyperrule"))
+
+    name: Optional[str] = Field(None, description="epoch schedules: cosine, step, multistep, poly, tanh [default cosine]")
+    epochs: Optional[int] = Field(None, ge=1, description="epoch schedules: training length [default 100]")
+    warmup_epochs: Optional[int] = Field(None, ge=0, description="epoch schedules: linear warmup [default 5]")
+    warmup_lr: Optional[float] = Field(None, ge=0.0, description="epoch schedules: LR at the start of warmup [default 1e-6]")
+    min_lr: Optional[float] = Field(None, ge=0.0, description="epoch schedules: LR at the end [default 1e-6]")
+    decay_rate: Optional[float] = Field(None, gt=0.0, le=1.0, description="step/multistep: LR factor at each decay; poly: the power [default 0.1]")
     decay_epochs: Optional[float] = Field(None, gt=0.0, description="step: epochs between decays")
     decay_milestones: Optional[list[int]] = Field(None, description="multistep: epochs at which the LR decays")
-    # Detection trains by iterations (detectron2 style): warmup, then LR / 10 at each step.
-    iterations: Optional[int] = Field(None, ge=1, description="detection: training length in iterations")
-    steps: Optional[list[int]] = Field(None, description="detection: iterations at which the LR is divided by 10")
-    warmup_iters: int = Field(0, ge=0, description="detection: linear warmup length")
-    warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="detection: warmup starts at lr * factor")
-    eval_period: Optional[int] = Field(None, ge=1, description="detection: iterations per evaluation (= one Tune iteration)")
-    multiplier: float = Field(
-        1.0, gt=0.0, le=100.0, description="step schedules: length factor (detection: LR drops keep their distance to the end)"
-    )
     hyperrule: Optional[Literal["full", "schedule"]] = Field(
         None, description="derive the recipe from the dataset at launch (BiT-HyperRule): full, or schedule (keep the resolution)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_applies(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("iterations") is not None:
+            return _defaults(_not_applying(data, cls._EPOCH_FIELDS), _STEP_DEFAULTS)
+        data = _defaults(_not_applying(data, cls._STEP_FIELDS), _EPOCH_DEFAULTS)
+        name = data["name"]
+        if isinstance(name, str) and name in SCHEDULES:
+            if SCHEDULES[name].takes_decay_rate:
+                data = _defaults(data, {"decay_rate": 0.1})
+            else:
+                data = _not_applying(data, ("decay_rate",))
+            if name != "step":
+                data = _not_applying(data, ("decay_epochs",))
+            if name != "multistep":
+                data = _not_applying(data, ("decay_milestones",))
+        return data
+
     @field_validator("name")
     @classmethod
-    def _schedule_name(cls, value: str) -> str:
-        return _known("schedule", SCHEDULES, value)
+    def _schedule_name(cls, value: Optional[str]) -> Optional[str]:
+        return value if value is None else _known("schedule", SCHEDULES, value)
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "ScheduleConfig":
+    def _epochs_fit(self) -> "ClassificationSchedule":
+        if self.iterations is not None:
+            return self
         if self.warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"schedule.warmup_epochs must be < schedule.epochs ({self.epochs}), but got {self.warmup_epochs}"
-            )
+            raise ValueError(f"schedule.warmup_epochs must be < schedule.epochs ({self.epochs}), but got {self.warmup_epochs}")
         if self.name == "multistep" and not self.decay_milestones:
             raise ValueError("schedule.decay_milestones is required by schedule.name=multistep (e.g. [30, 60, 90])")
         if self.name == "step" and self.decay_epochs is None:
             raise ValueError("schedule.decay_epochs is required by schedule.name=step")
-        if self.decay_milestones and (sorted(self.decay_milestones) != self.decay_milestones or not 0 < self.decay_milestones[0] or self.decay_milestones[-1] >= self.epochs):
-            raise ValueError(
-                f"schedule.decay_milestones must increase within (0, {self.epochs}), but got {self.decay_milestones}"
-            )
+        milestones = self.decay_milestones
+        if milestones and (sorted(milestones) != milestones or milestones[0] <= 0 or milestones[-1] >= self.epochs):
+            raise ValueError(f"schedule.decay_milestones must increase within (0, {self.epochs}), but got {milestones}")
         return self
 
 
+# -- regularization, loss, runtime ---------------------------------------------------------
 class RegConfig(_Section):
     """Regularization: mixup/cutmix/label smoothing (timm ``Mixup``) and EMA."""
 
@@ -261,10 +418,17 @@ class RegConfig(_Section):
 class LossConfig(_Section):
     """Loss: timm ``BinaryCrossEntropy`` or soft-target cross-entropy."""
 
+    conditional: ClassVar[frozenset[str]] = frozenset({"target_threshold"})
+
     name: Literal["bce", "ce"] = "ce"
-    target_threshold: Optional[float] = Field(
-        None, gt=0.0, lt=1.0, description="BCE only: soft targets above it become 1 (ignored for ce)"
-    )
+    target_threshold: Optional[float] = Field(None, gt=0.0, lt=1.0, description="BCE only: soft targets above it become 1")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_applies(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name", "ce") == "ce":
+            return _not_applying(data, ("target_threshold",))
+        return data
 
 
 class RuntimeConfig(_Section):
@@ -279,85 +443,64 @@ class RuntimeConfig(_Section):
     compile: bool = Field(False, description="torch.compile the model")
 
 
-class Recipe(_Section):
-    """A full training recipe."""
-
-    task: Literal["classification", "detection"] = "classification"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+# -- recipes -------------------------------------------------------------------------------
+class _RecipeBase(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    reg: RegConfig = Field(default_factory=RegConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    _ORDER: ClassVar[tuple[str, ...]] = ("task", "model", "data", "optim", "schedule", "reg", "loss", "runtime")
+
+    @model_serializer(mode="wrap")
+    def _drop_inapplicable(self, handler: Any) -> Any:
+        data = handler(self)  # sections in the order a reader goes through a recipe
+        return {key: data[key] for key in self._ORDER if key in data}
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
-        if self.model.norm == "syncbn" and (self.runtime.gpus_per_worker <= 0 or self.runtime.workers < 2):
+    def _resources(self) -> "_RecipeBase":
+        model, runtime = getattr(self, "model"), self.runtime
+        if model.norm == "syncbn" and (runtime.gpus_per_worker <= 0 or runtime.workers < 2):
             raise ValueError(
                 "model.norm=syncbn needs several GPU workers (runtime.workers > 1 and "
                 "runtime.gpus_per_worker > 0): SyncBatchNorm layers only work with GPU modules; "
-                f"got workers={self.runtime.workers}, gpus_per_worker={self.runtime.gpus_per_worker}"
+                f"got workers={runtime.workers}, gpus_per_worker={runtime.gpus_per_worker}"
             )
-        if self.optim.batch_size < self.runtime.workers:
-            raise ValueError(
-                f"optim.batch_size must be >= runtime.workers ({self.runtime.workers}), but got {self.optim.batch_size}"
-            )
-        if self.task == "detection":
-            _check_detection(self)
-        elif self.data.name == "digits-det":
-            raise ValueError("data.name=digits-det is a detection dataset: it needs task=detection (use data.name=digits)")
-        elif self.schedule.iterations is not None:
-            if self.schedule.eval_period is None:
-                raise ValueError("a step schedule (schedule.iterations) needs schedule.eval_period")
-            _check_steps(self)
-        elif self.schedule.multiplier != 1.0:
-            raise ValueError("schedule.multiplier scales step schedules (schedule.iterations); for epochs set schedule.epochs")
+        if self.optim.batch_size < runtime.workers:
+            raise ValueError(f"optim.batch_size must be >= runtime.workers ({runtime.workers}), but got {self.optim.batch_size}")
+        if getattr(self.schedule, "iterations", None) is not None:
+            iterations, steps, warmup = step_schedule(self)
+            if any(s <= warmup for s in steps) or warmup >= iterations:
+                raise ValueError(
+                    f"schedule.multiplier={self.schedule.multiplier:g} leaves {iterations} iterations with LR drops at {steps}: "
+                    f"every drop must come after the {warmup} warmup iterations"
+                )
         return self
 
 
-def _check_detection(recipe: "Recipe") -> None:
-    model, schedule = recipe.model, recipe.schedule
-    if model.name not in DETECTORS:
-        raise ValueError(f"model.name must be one of {', '.join(DETECTORS)} for task=detection, but got {model.name!r}")
-    if model.backbone not in DETECTION_BACKBONES:
-        raise ValueError(
-            f"model.backbone must be one of {', '.join(DETECTION_BACKBONES)} for task=detection, but got {model.backbone!r}"
-        )
-    if model.norm == "gn" and model.fpn_channels % 32:
-        raise ValueError(f"model.fpn_channels must be a multiple of 32 with GroupNorm(32), but got {model.fpn_channels}")
-    if recipe.data.name == "digits":
-        raise ValueError("data.name=digits is a classification dataset; detection's embedded data is digits-det")
-    if schedule.iterations is None or schedule.eval_period is None:
-        raise ValueError("task=detection needs schedule.iterations and schedule.eval_period")
-    _check_steps(recipe)
-    unused = {
-        "reg.mixup_alpha": recipe.reg.mixup_alpha,
-        "reg.cutmix_alpha": recipe.reg.cutmix_alpha,
-        "reg.label_smoothing": recipe.reg.label_smoothing,
-        "reg.ema_decay": recipe.reg.ema_decay,
-        "data.repeated_aug": recipe.data.repeated_aug,
-        "data.rand_augment": recipe.data.rand_augment,
-    }
-    for key, value in unused.items():
-        if value:
-            raise ValueError(f"{key} is a classification setting; task=detection takes 0 or null, but got {value!r}")
+class ClassificationRecipe(_RecipeBase):
+    """A classification recipe: a timm model, timm's data pipeline, losses, mixup and EMA."""
+
+    task: Literal["classification"] = "classification"
+    model: ClassificationModel = Field(default_factory=ClassificationModel)
+    data: ClassificationData = Field(default_factory=ClassificationData)
+    schedule: ClassificationSchedule = Field(default_factory=ClassificationSchedule)
+    reg: RegConfig = Field(default_factory=RegConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
 
 
-def _check_steps(recipe: "Recipe") -> None:
-    schedule = recipe.schedule
-    steps = schedule.steps or []
-    if sorted(steps) != steps or any(not 0 < s < schedule.iterations for s in steps):
-        raise ValueError(f"schedule.steps must increase within (0, {schedule.iterations}), but got {steps}")
-    iterations, steps, warmup = step_schedule(recipe)
-    if any(s <= warmup for s in steps) or warmup >= iterations:
-        raise ValueError(
-            f"schedule.multiplier={schedule.multiplier:g} leaves {iterations} iterations with LR drops at {steps}: "
-            f"every drop must come after the {warmup} warmup iterations"
-        )
+class DetectionRecipe(_RecipeBase):
+    """A detection recipe: a torchvision R-CNN trained by iterations, scored by COCO AP."""
+
+    task: Literal["detection"] = "detection"
+    model: DetectionModel = Field(default_factory=DetectionModel)
+    data: DetectionData = Field(default_factory=DetectionData)
+    schedule: DetectionSchedule = Field(default_factory=DetectionSchedule)
 
 
-def step_schedule(recipe: "Recipe") -> tuple[int, list[int], int]:
+Recipe = Union[ClassificationRecipe, DetectionRecipe]
+_RECIPE_CLASSES = {"classification": ClassificationRecipe, "detection": DetectionRecipe}
+_RECIPE = TypeAdapter(Annotated[Recipe, Field(discriminator="task")])
+
+
+def step_schedule(recipe: Recipe) -> tuple[int, list[int], int]:
     """(iterations, LR-drop steps, warmup iterations) of a step schedule after ``schedule.multiplier``.
 
     Detection, as in *Rethinking ImageNet Pre-training*: a longer schedule keeps
@@ -373,47 +516,13 @@ def step_schedule(recipe: "Recipe") -> tuple[int, list[int], int]:
     return round(schedule.iterations * scale), [round(s * scale) for s in (schedule.steps or [])], round(schedule.warmup_iters * scale)
 
 
-def detection_schedule(schedule: "ScheduleConfig") -> tuple[int, list[int]]:
+def detection_schedule(schedule: StepSchedule) -> tuple[int, list[int]]:
     """(iterations, LR-drop steps) of a detection schedule (see ``step_schedule``)."""
     iterations = round(schedule.iterations * schedule.multiplier)
     return iterations, [iterations - (schedule.iterations - s) for s in (schedule.steps or [])]
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    parts = []
-    for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-after"))
-        msg = item["msg"]
-        for prefix in ("Value error, ", "Assertion failed, "):
-            msg = msg.removeprefix(prefix)
-        if item["type"] == "extra_forbidden":
-            parts.append(f"unknown recipe key {loc!r}")
-            continue
-        if item["type"].startswith(("literal_error", "enum")):
-            parts.append(f"{loc}: {msg[0].lower()}{msg[1:]}, but got {item['input']!r}")
-            continue
-        if "but got" in msg or "input" not in item or isinstance(item["input"], dict):
-            got = ""
-        else:
-            got = f", but got {item['input']!r}"
-        msg = msg[0].lower() + msg[1:]
-        if not loc or msg.startswith((loc, "unknown", "model.", "data.", "optim.", "schedule.")):
-            parts.append(f"{msg}{got}" if not msg.startswith("unknown") else msg)
-        else:
-            parts.append(f"{loc}: {msg}{got}")
-    return "; ".join(parts)
-
-
-def validate_recipe(data: dict[str, Any] | Recipe) -> Recipe:
-    """Build a ``Recipe`` from nested data, raising ``RecipeError`` naming key and value."""
-    if isinstance(data, Recipe):
-        data = data.model_dump()
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as err:
-        raise RecipeError(f"invalid recipe: {_format_validation_error(err)}") from None
-
-
+# -- dotted keys ---------------------------------------------------------------------------
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> ``{"optim.lr": ...}``."""
     flat: dict[str, Any] = {}
@@ -438,12 +547,125 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-_KNOWN_KEYS = frozenset(flatten(Recipe().model_dump()))
+def _keys_of(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys |= _keys_of(kind, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+_TASK_KEYS = {task: frozenset(_keys_of(cls)) for task, cls in _RECIPE_CLASSES.items()}
+_ALL_KEYS = frozenset().union(*_TASK_KEYS.values())
+
+# The conditional keys, with what they need: a --set of one that does not apply is refused.
+CONDITIONS: dict[str, tuple[str, str]] = {
+    "optim.momentum": ("optim.name", "an optimizer with momentum (timm: sgd, momentum, lars, rmsproptf, ...)"),
+    "loss.target_threshold": ("loss.name", "loss.name=bce"),
+    "schedule.decay_rate": ("schedule.name", "schedule.name step, multistep or poly"),
+    "schedule.decay_epochs": ("schedule.name", "schedule.name=step"),
+    "schedule.decay_milestones": ("schedule.name", "schedule.name=multistep"),
+    **{f"schedule.{k}": ("schedule.iterations", "an epoch schedule (schedule.iterations unset)") for k in ClassificationSchedule._EPOCH_FIELDS if k not in ("decay_rate", "decay_epochs", "decay_milestones")},
+    **{f"schedule.{k}": ("schedule.iterations", "a step schedule (schedule.iterations set)") for k in ClassificationSchedule._STEP_FIELDS},
+}
+
+
+def check_applies(recipe: Recipe, keys: list[str], recipe_label: str, prefix: str = "") -> None:
+    """Fail on a conditional key among ``keys`` that does not apply to ``recipe``, saying what it needs."""
+    present = flatten(recipe.model_dump())
+    for key in keys:
+        if key in CONDITIONS and key not in present:
+            condition, needs = CONDITIONS[key]
+            raise RecipeError(f"{prefix}{key} does not apply to {recipe_label} ({condition}={present.get(condition)}): it needs {needs}")
+
+
+def task_keys(task: str) -> frozenset[str]:
+    """Every dotted key a recipe of ``task`` may hold."""
+    if task not in _TASK_KEYS:
+        raise RecipeError(f"task must be one of {', '.join(TASKS)}, but got {task!r}")
+    return _TASK_KEYS[task]
 
 
 def known_keys() -> frozenset[str]:
-    """Every dotted recipe key."""
-    return _KNOWN_KEYS
+    """Every dotted key of any task's recipe."""
+    return _ALL_KEYS
+
+
+def check_keys(flat: dict[str, Any], where: str = "--set", task: Optional[str] = None, recipe: Optional[str] = None) -> None:
+    """Fail on dotted keys that no recipe (or, with ``task``, no recipe of that task) has, naming the key."""
+    own = task_keys(task) if task else _ALL_KEYS
+    for key in flat:
+        if key in own:
+            continue
+        if key in _ALL_KEYS:
+            owner = next(t for t, keys in _TASK_KEYS.items() if key in keys)
+            raise RecipeError(OTHER_TASK_KEY.format(key=key, owner=owner, recipe=f"recipe {recipe}" if recipe else "this recipe", task=task))
+        section = key.split(".")[0]
+        siblings = sorted(k for k in own if k.startswith(section + "."))
+        sections = sorted({k.split(".")[0] for k in own})
+        hint = f"; keys of {section!r}: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(sections)}"
+        raise RecipeError(f"unknown recipe key {key!r} in {where}{hint}")
+
+
+# Every key of the previous one-schema-for-all recipes at its default there (and the filler
+# values its detection presets held): such keys of another task are dropped from old files.
+_LEGACY_VALUES: dict[str, tuple[Any, ...]] = {
+    "model.drop_path_rate": (0.0,),
+    "model.zero_head": (False,),
+    "model.backbone": (None,),
+    "model.fpn_channels": (256,),
+    "model.anchor_sizes": ([32, 64, 128, 256, 512],),
+    "model.roi_batch_size": (512,),
+    "model.proposals": (1000,),
+    "model.detections_per_image": (100,),
+    "data.crop_pct": (0.95,),
+    "data.scale": ([0.08, 1.0],),
+    "data.interpolation": ("bicubic",),
+    "data.rand_augment": (None,),
+    "data.repeated_aug": (0,),
+    "data.random_erasing": (0.0,),
+    "data.color_jitter": (None,),
+    "data.classes": (None,),
+    "data.shots_per_class": (None,),
+    "data.max_images": (None,),
+    "data.max_size": (1333,),
+    "data.scale_jitter": (0.0,),
+    "schedule.name": ("cosine", "multistep"),
+    "schedule.epochs": (100, 2),
+    "schedule.warmup_epochs": (5, 0),
+    "schedule.warmup_lr": (1e-6,),
+    "schedule.min_lr": (1e-6,),
+    "schedule.decay_rate": (0.1,),
+    "schedule.decay_epochs": (None,),
+    "schedule.decay_milestones": (None, [1]),
+    "schedule.hyperrule": (None,),
+    "reg.mixup_alpha": (0.0,),
+    "reg.cutmix_alpha": (0.0,),
+    "reg.label_smoothing": (0.0,),
+    "reg.ema_decay": (None,),
+    "loss.name": ("ce",),
+    "loss.target_threshold": (None,),
+}
+
+
+def drop_legacy_keys(flat: dict[str, Any], source: str) -> dict[str, Any]:
+    """A recipe written when every recipe held every task's keys: other-task keys at their old defaults go.
+
+    A non-default value of another task's key is an error naming it.
+    """
+    task = flat.get("task", "classification")
+    own = task_keys(task) if task in _TASK_KEYS else _ALL_KEYS  # an unknown task fails in validation
+    kept = {}
+    for key, value in flat.items():
+        if key not in own and key in _ALL_KEYS:
+            if value in _LEGACY_VALUES.get(key, ()):
+                continue
+            check_keys({key: value}, where=source, task=task, recipe=source)
+        kept[key] = value
+    return kept
 
 
 def parse_value(text: str) -> Any:
@@ -467,23 +689,54 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return overrides
 
 
-def check_keys(flat: dict[str, Any], where: str = "--set") -> None:
-    """Fail on dotted keys that are not recipe fields, listing the section's keys."""
-    for key in flat:
-        if key not in _KNOWN_KEYS:
-            section = key.split(".")[0]
-            siblings = sorted(k for k in _KNOWN_KEYS if k.startswith(section + "."))
-            hint = f"; keys of {section!r}: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(sorted({k.split('.')[0] for k in _KNOWN_KEYS}))}"
-            raise RecipeError(f"unknown recipe key {key!r} in {where}{hint}")
-
-
 def apply_overrides(base: dict[str, Any] | Recipe, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Base recipe (nested) + dotted overrides -> nested dict (not yet validated)."""
-    if isinstance(base, Recipe):
+    """Base recipe (nested, or a ``Recipe``) + dotted overrides -> nested dict (not yet validated)."""
+    if not isinstance(base, dict):
         base = base.model_dump()
     flat = flatten(base)
     flat.update(overrides)
     return unflatten(flat)
+
+
+# -- validation ----------------------------------------------------------------------------
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"][1:] if not str(p).startswith("function-"))
+        msg = item["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown recipe key {loc!r}")
+            continue
+        if item["type"].startswith(("literal_error", "enum")):
+            parts.append(f"{loc}: {msg[0].lower()}{msg[1:]}, but got {item['input']!r}")
+            continue
+        got = "" if "but got" in msg or "input" not in item or isinstance(item["input"], dict) else f", but got {item['input']!r}"
+        msg = msg[0].lower() + msg[1:]
+        if not loc or msg.startswith((loc, "unknown", "model.", "data.", "optim.", "schedule.", "a step")):
+            parts.append(msg)  # the message names the key itself (and the value where it matters)
+        else:
+            parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def validate_recipe(data: dict[str, Any] | Recipe, name: Optional[str] = None) -> Recipe:
+    """Build the ``Recipe`` of its task from nested data, raising ``RecipeError`` naming key and value.
+
+    A key of another task fails naming the key and both tasks (``name``: the recipe, for the
+    message), unless it holds the default every key had when each recipe held every task's
+    keys: recipes written then still load.
+    """
+    if not isinstance(data, dict):
+        data = data.model_dump()
+    flat = drop_legacy_keys(flatten(data), name or "the recipe")
+    task = flat.setdefault("task", "classification")
+    check_keys(flat, where=name or "the recipe", task=task, recipe=name)
+    try:
+        return _RECIPE.validate_python(unflatten(flat))
+    except ValidationError as err:
+        raise RecipeError(f"invalid recipe: {_format_validation_error(err)}") from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

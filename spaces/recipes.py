@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from spaces.errors import RecipeError
-from spaces.recipe import Recipe, apply_overrides, check_keys, flatten, validate_recipe
+from spaces.recipe import Recipe, check_keys, drop_legacy_keys, flatten, unflatten, validate_recipe
 
 __all__ = ["RECIPE_PRESETS", "recipe_names", "preset_overrides", "load_recipe", "load_recipe_file", "resolve_recipe"]
 
@@ -225,26 +225,15 @@ SCRATCH_MASKRCNN_R50_GN = {
     "model.backbone": "resnet50",
     "model.norm": "gn",  # GN in backbone, FPN, 4conv1fc box head and 4-conv mask head
     "model.init": "scratch",
-    "model.drop_path_rate": 0.0,
     "data.name": "coco",  # a COCO root (annotations/instances_train*.json, train*/): set with --data
     "data.train_size": 800,  # shorter side
     "data.test_size": 800,
     "data.max_size": 1333,
     "data.hflip": 0.5,  # horizontal flip is the only augmentation
-    "data.rand_augment": None,
-    "data.repeated_aug": 0,
     "optim.name": "momentum",  # SGD, heavy-ball momentum as in detectron2
     "optim.momentum": 0.9,
     "optim.weight_decay": 1e-4,
     "optim.grad_clip": None,
-    "schedule.name": "multistep",
-    "schedule.decay_milestones": [1],  # unused by detection: iterations and steps rule
-    "schedule.epochs": 2,
-    "schedule.warmup_epochs": 0,
-    "reg.mixup_alpha": 0.0,
-    "reg.cutmix_alpha": 0.0,
-    "reg.label_smoothing": 0.0,
-    "reg.ema_decay": None,
     "runtime.workers": 8,  # 2 images on each of 8 GPUs
     "runtime.cpus_per_worker": 4,
     "runtime.gpus_per_worker": 1,
@@ -334,9 +323,7 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"recipe file {str(path)!r} cannot be read: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of recipe keys")
-    flat = flatten(data)
-    check_keys(flat, where=str(path))
-    return flat
+    return drop_legacy_keys(flatten(data), str(path))
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
@@ -349,9 +336,13 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 
 
 def resolve_recipe(base: str | dict[str, Any], *layers: dict[str, Any]) -> Recipe:
-    """Base recipe (preset name, file or flat keys) + dotted override layers -> a valid ``Recipe``."""
+    """Base recipe (preset name, file or flat keys) + dotted override layers -> a valid ``Recipe``.
+
+    A layer naming another task's key fails naming the key, the recipe and its task.
+    """
     flat = load_recipe(base) if isinstance(base, str) else dict(base)
+    name = base if isinstance(base, str) else None
     for layer in layers:
-        check_keys(layer, where="overrides")
         flat.update(layer)
-    return validate_recipe(apply_overrides(Recipe(), flat))
+        check_keys(layer, where="overrides", task=flat.get("task", "classification"), recipe=name)
+    return validate_recipe(unflatten(flat), name=name)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from spaces.errors import RecipeError, SpaceError
 from spaces.recipes import load_recipe
-from spaces.recipe import Recipe, apply_overrides, flatten, known_keys, validate_recipe
+from spaces.recipe import CONDITIONS, Recipe, apply_overrides, check_keys, check_applies, flatten, known_keys, unflatten, validate_recipe
 
 __all__ = ["Param", "Space", "SPACES_DIR", "space_names", "load_space", "define_by_run"]
 
@@ -158,21 +158,22 @@ class Space(BaseModel):
         return flat
 
     def check(self, overrides: Optional[dict[str, Any]] = None, base: Optional[dict[str, Any]] = None) -> Recipe:
-        """Validate the base recipe (or the flat ``base``) and every edge value of every param against the schema."""
-        flat = {**base, **(overrides or {})} if base is not None else self.base_recipe(overrides)
-        recipe = validate_recipe(apply_overrides(Recipe(), flat))
+        """Validate the base recipe (or the flat ``base``) and every edge value of every param against the schema.
+
+        Keys of another task than the base recipe's fail naming the task; a ``--set`` key or a
+        param that does not apply to the recipe (``optim.momentum`` on LAMB) fails saying what it needs.
+        """
+        overrides = overrides or {}
+        flat = {**base, **overrides} if base is not None else self.base_recipe(overrides)
+        task = flat.get("task", "classification")
+        check_keys(overrides, where="--set", task=task, recipe=self.recipe)
+        for key, param in self.params.items():
+            check_keys({key: None, **dict.fromkeys(param.when)}, where=f"space {self.name!r}", task=task, recipe=self.recipe)
+        recipe = validate_recipe(unflatten(flat), name=self.recipe)
+        check_applies(recipe, [k for k in overrides if not self._searches_condition_of(k)], f"recipe {self.recipe}", "--set ")
         resolved = flatten(recipe.model_dump())
         for key, param in self.params.items():
-            try:
-                values = param.edge_values(resolved[key])
-            except SpaceError as err:
-                raise SpaceError(f"space {self.name!r}: params.{key}: {err}") from None
-            for value in values:
-                try:
-                    validate_recipe(apply_overrides(recipe, {key: value}))
-                except RecipeError as err:
-                    reason = str(err).removeprefix("invalid recipe: ")
-                    raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {reason}") from None
+            self._check_param(key, param, recipe, resolved.get(key))
         if self.start:
             self.start_point(resolved)
         metric = self.metric or DEFAULT_METRICS[recipe.task]
@@ -180,6 +181,28 @@ class Space(BaseModel):
         if any(metric.split("_")[0] == m.split("_")[0] for m in other) or (recipe.task == "detection" and metric.startswith("val/top")):
             raise SpaceError(f"space {self.name!r}: metric {metric!r} is not reported by task={recipe.task} (e.g. {DEFAULT_METRICS[recipe.task]})")
         return recipe
+
+    def _searches_condition_of(self, key: str) -> bool:
+        return CONDITIONS.get(key, ("",))[0] in self.params
+
+    def _check_param(self, key: str, param: Param, recipe: Recipe, base_value: Any) -> None:
+        """Every edge value of ``param`` (with its ``when`` condition met) is a valid recipe that uses it."""
+        condition = {cond: allowed[0] for cond, allowed in param.when.items()}
+        try:
+            values = param.edge_values(base_value)
+        except SpaceError as err:
+            raise SpaceError(f"space {self.name!r}: params.{key}: {err}") from None
+        for value in values:
+            try:
+                checked = validate_recipe(apply_overrides(recipe, {**condition, key: value}))
+            except RecipeError as err:
+                reason = str(err).removeprefix("invalid recipe: ")
+                raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {reason}") from None
+            if not self._searches_condition_of(key):
+                try:
+                    check_applies(checked, [key], f"recipe {self.recipe}", f"space {self.name!r}: params.")
+                except RecipeError as err:
+                    raise SpaceError(f"{err} (or sample it only then, with when:)") from None
 
     def start_point(self, base: dict[str, Any]) -> dict[str, Any]:
         """Optuna's values for the base recipe (``start: true``), for ``points_to_evaluate``."""

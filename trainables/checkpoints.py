@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from spaces import DataError
+from trainables.bit import load_bit_npz
+from trainables.report import CHECKPOINT_FILE
 
 __all__ = ["CHECKPOINT_FILE", "read_state_dict", "load_weights"]
-
-CHECKPOINT_FILE = "checkpoint.pt"
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.body.", "backbone.")
 
 
@@ -56,8 +56,6 @@ def load_weights(model: nn.Module, path: str, skip: tuple[str, ...] = ()) -> lis
     Raises ``DataError`` when nothing fits or a shared tensor has another shape.
     """
     if str(path).endswith(".npz"):
-        from trainables.bit import load_bit_npz
-
         load_bit_npz(model, path)
         return []
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(skip)}

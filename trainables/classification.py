@@ -2,23 +2,20 @@
 
 ``train_classifier(recipe, session)`` is the whole trial: it runs as a Ray Train
 worker function (DDP when several workers), directly inside a Tune trial, or
-bare. Every epoch it evaluates and reports metrics plus a checkpoint.
+bare. Its stages: build the data (``build_classifier_data``), build the model,
+optimizer, schedule, EMA, mixup and loss (``build_training``), then per period
+train (``train_epoch``), evaluate (``evaluate_period``) and report a
+``TrialReport`` with a checkpoint (``trainables.engine.report_period``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import logging
 import math
-import os
-import random
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -29,41 +26,49 @@ import timm.layers
 from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
+from timm.scheduler import create_scheduler_v2
 from timm.layers import freeze_batch_norm_2d
 from timm.utils import ModelEmaV3
 
-from spaces import OPTIMIZERS, DataError, Recipe, RecipeError, TrainingError, validate_recipe
+from spaces import ClassificationRecipe, DataError, RecipeError, TrainingError, validate_recipe
 from spaces.recipe import init_checkpoint, step_schedule
-from trainables.checkpoints import CHECKPOINT_FILE, load_weights
+from trainables.bit import zero_init_head
+from trainables.checkpoints import load_weights
 from trainables.data import MAX_UNREADABLE_FRACTION, build_datasets, collate_readable, shard
+from trainables.engine import (
+    TrainState,
+    autocast,
+    build_optimizer,
+    build_step_scheduler,
+    check_finite,
+    distributed,
+    optimizer_step,
+    prepare_process,
+    report_period,
+    restore,
+    unwrap,
+)
+from trainables.report import TrialReport, Unit
 from trainables.session import Session
 
 __all__ = [
-    "CHECKPOINT_FILE",
+    "ClassifierData",
+    "Training",
+    "build_classifier_data",
     "build_model",
-    "build_optimizer",
     "build_scheduler",
-    "build_step_scheduler",
     "build_mixup",
     "build_loss",
+    "build_training",
     "build_transforms",
-    "seed_everything",
     "evaluate",
+    "evaluate_period",
     "train_classifier",
-    "load_checkpoint",
+    "train_epoch",
 ]
 
-
-
 logger = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+Recipe = ClassificationRecipe
 
 
 def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
@@ -72,8 +77,6 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": cfg.drop_path_rate}
     if cfg.norm == "gn":
         kwargs["norm_layer"] = timm.layers.GroupNorm  # 32 groups
-    if cfg.name.startswith("resnetv2_bit"):
-        importlib.import_module("trainables.bit")  # registers the tiny GN+WS ResNet-v2 with timm
     try:
         model = timm.create_model(cfg.name, **kwargs)
     except RuntimeError as err:
@@ -89,8 +92,6 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
         if missing:
             logger.warning("model.init %s: %d tensors not in the checkpoint keep their initialization (e.g. %s)", checkpoint, len(missing), missing[0])
     if cfg.zero_head:
-        from trainables.bit import zero_init_head
-
         zero_init_head(model)
     if cfg.norm == "frozen_bn":
         model = freeze_batch_norm_2d(model)
@@ -99,19 +100,12 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     return model
 
 
-def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer factory; biases and norm parameters get no weight decay."""
-    cfg = recipe.optim
-    kwargs: dict[str, Any] = {}
-    if OPTIMIZERS[cfg.name].uses_momentum:
-        kwargs["momentum"] = cfg.momentum
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
-
-
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     """timm's scheduler factory, stepped every iteration (warmup then decay)."""
     cfg = recipe.schedule
     decay: dict[str, Any] = {}
+    if cfg.decay_rate is not None:  # only the schedules that use it hold one; timm's default otherwise
+        decay["decay_rate"] = cfg.decay_rate
     if cfg.decay_epochs is not None:
         decay["decay_epochs"] = cfg.decay_epochs
     if cfg.decay_milestones:
@@ -123,7 +117,6 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_pe
         warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr,
-        decay_rate=cfg.decay_rate,
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
         **decay,
@@ -131,23 +124,6 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_pe
     if scheduler is None:  # timm returns None for names it does not know
         raise RecipeError(f"schedule.name {cfg.name!r} is not a timm scheduler")
     return scheduler
-
-
-def build_step_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> MultiStepLRScheduler:
-    """A step schedule (``schedule.iterations``) through timm: linear warmup from lr * factor, LR / 10 at each step.
-
-    detectron2's WarmupMultiStepLR and the BiT-HyperRule's schedule are both this shape.
-    """
-    _, steps, warmup = step_schedule(recipe)
-    return MultiStepLRScheduler(
-        optimizer,
-        decay_t=[s + 1 for s in steps],  # timm applies milestone m at t = m - 1; the papers drop at iteration m
-        decay_rate=0.1,
-        warmup_t=warmup,
-        warmup_lr_init=recipe.optim.lr * recipe.schedule.warmup_factor,
-        warmup_prefix=False,  # steps count from iteration 0, warmup included
-        t_in_epochs=False,
-    )
 
 
 def build_mixup(recipe: Recipe, num_classes: int) -> Optional[Mixup]:
@@ -200,17 +176,6 @@ def build_transforms(recipe: Recipe):
     return train, evaluation
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def _autocast(recipe: Recipe, device: torch.device):
-    if recipe.runtime.amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe: Recipe) -> dict[str, float]:
     """Top-1, top-5 and cross-entropy over the loader, summed across workers."""
@@ -224,7 +189,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe:
         targets = targets.to(device, non_blocking=True)
         if recipe.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(recipe, device):
+        with autocast(recipe, device):
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])
@@ -234,7 +199,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe:
         sums[1] += hits.any(dim=1).sum()
         sums[2] += nn.functional.cross_entropy(logits, targets, reduction="sum")
         sums[3] += targets.numel()
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(sums)
     count = max(sums[3].item(), 1.0)
     return {
@@ -245,85 +210,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, recipe:
     }
 
 
-def _diverged(loss: torch.Tensor, world_size: int) -> bool:
-    """Whether the loss is NaN or infinite on any worker: all workers stop at the same step."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if world_size > 1:
-        dist.all_reduce(bad)  # one float beside the gradient all-reduce; a lone stop would hang the others
-    return bool(bad.item())
-
-
-def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: Optional[float]) -> None:
-    """Backward, optional gradient-norm clipping, update."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
 @dataclass
-class _State:
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    ema: Optional[ModelEmaV3]
+class ClassifierData:
+    """The loaders of a trial and the shape of its schedule.
+
+    A step schedule (BiT) runs ``periods`` loop epochs of ``eval_period`` updates each, over the
+    training set repeated as often as it takes (few-shot sets are smaller than a batch).
+    """
+
+    train_loader: DataLoader
+    val_loader: DataLoader
     sampler: Any
-
-
-def _rng_state(sampler: Any) -> dict[str, Any]:
-    """Every random stream the loop draws from, as tensors and plain data (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    generator = getattr(sampler, "generator", None)
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "sampler": generator.get_state() if generator is not None else None,
-    }
-
-
-def _set_rng_state(state: dict[str, Any], sampler: Any) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    generator = getattr(sampler, "generator", None)
-    if generator is not None and state.get("sampler") is not None:
-        generator.set_state(state["sampler"])
-
-
-def _save_checkpoint(state: _State, epoch: int, recipe: Recipe, directory: str) -> None:
-    torch.save(
-        {
-            "model": _unwrap(state.model).state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "ema": state.ema.state_dict() if state.ema is not None else None,
-            "epoch": epoch,
-            "recipe": recipe.model_dump(mode="json"),
-            "rng": _rng_state(state.sampler),
-        },
-        os.path.join(directory, CHECKPOINT_FILE),
-    )
-
-
-def load_checkpoint(directory: str) -> dict[str, Any]:
-    """A checkpoint written by ``train_classifier`` (tensors and plain data only)."""
-    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-
-
-def _restore(state: _State, directory: str) -> int:
-    ckpt = load_checkpoint(directory)
-    _unwrap(state.model).load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    if state.ema is not None and ckpt.get("ema") is not None:
-        state.ema.load_state_dict(ckpt["ema"])
-    if ckpt.get("rng") is not None:
-        _set_rng_state(ckpt["rng"], state.sampler)
-    return int(ckpt["epoch"])
+    num_classes: int
+    size: int  # train + val images, for the share of undecodable ones
+    periods: int  # loop epochs: evaluations and reports
+    total_updates: Optional[int]  # a step schedule's length, None for an epoch schedule
 
 
 def _train_sampler(recipe: Recipe, dataset, session: Session, seed: int):
@@ -336,152 +237,173 @@ def _train_sampler(recipe: Recipe, dataset, session: Session, seed: int):
     return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
 
 
-def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> dict[str, float]:
-    """Train and evaluate one recipe; report every epoch to ``session``. Returns the last metrics."""
-    recipe = validate_recipe(recipe)
-    runtime = recipe.runtime
-    device = session.device
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(runtime.cpus_per_worker)))
-    seed = runtime.seed
-    seed_everything(seed + session.rank)
-
+def build_classifier_data(recipe: Recipe, session: Session) -> ClassifierData:
+    """Datasets, transforms, the training sampler and both loaders of this worker."""
+    seed, device = recipe.runtime.seed, session.device
     train_tf, eval_tf = build_transforms(recipe)
     data = build_datasets(recipe.data, seed, train_tf, eval_tf)
+    size = len(data.train) + len(data.val)
     per_worker_batch = recipe.optim.batch_size // session.world_size
-    step_mode = recipe.schedule.iterations is not None
-    total_updates, num_epochs = 0, recipe.schedule.epochs
-    if step_mode:
-        # A step schedule (BiT): one loop "epoch" is one evaluation period of updates over the
-        # training set repeated as often as it takes (few-shot sets are smaller than a batch).
+    total_updates, periods = None, recipe.schedule.epochs
+    if recipe.schedule.iterations is not None:
         total_updates = step_schedule(recipe)[0]
         period = recipe.schedule.eval_period
-        num_epochs = math.ceil(total_updates / period)
-        size = len(data.train)
-        data.train = Subset(data.train, [i % size for i in range(period * recipe.optim.batch_size)])
+        periods = math.ceil(total_updates / period)
+        data.train = Subset(data.train, [i % len(data.train) for i in range(period * recipe.optim.batch_size)])
     if per_worker_batch > len(data.train):
         raise RecipeError(
             f"optim.batch_size {recipe.optim.batch_size} exceeds the {len(data.train)} training images "
             f"of {recipe.data.name!r} (per worker {per_worker_batch})"
         )
     sampler = _train_sampler(recipe, data.train, session, seed)
-    loader_workers = 0 if recipe.data.name == "digits" else max(0, int(runtime.cpus_per_worker) - 1)
+    loader_workers = 0 if recipe.data.name == "digits" else max(0, int(recipe.runtime.cpus_per_worker) - 1)
     train_loader = DataLoader(
-        data.train,
-        batch_size=per_worker_batch,
-        sampler=sampler,
+        data.train, batch_size=per_worker_batch, sampler=sampler,
         drop_last=True,  # Mixup needs even, full batches
-        collate_fn=collate_readable,
-        num_workers=loader_workers,
-        persistent_workers=loader_workers > 0,
-        pin_memory=device.type == "cuda",
+        collate_fn=collate_readable, num_workers=loader_workers,
+        persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda",
     )
     val_loader = DataLoader(
-        shard(data.val, session.rank, session.world_size),
-        batch_size=max(per_worker_batch, 64),
-        collate_fn=collate_readable,
-        num_workers=loader_workers,
-        pin_memory=device.type == "cuda",
+        shard(data.val, session.rank, session.world_size), batch_size=max(per_worker_batch, 64),
+        collate_fn=collate_readable, num_workers=loader_workers, pin_memory=device.type == "cuda",
     )
+    return ClassifierData(train_loader, val_loader, sampler, data.num_classes, size, periods, total_updates)
 
+
+@dataclass
+class Training:
+    """What trains: the state a checkpoint holds, plus mixup and the loss."""
+
+    state: TrainState
+    mixup: Optional[Mixup]
+    loss_fn: nn.Module
+
+    @property
+    def model(self) -> nn.Module:
+        return self.state.model
+
+
+def build_training(recipe: Recipe, session: Session, data: ClassifierData) -> Training:
+    """Model (on the session's device, DDP under Ray Train), EMA, optimizer, schedule, mixup and loss."""
     model = build_model(recipe, data.num_classes)
-    if runtime.channels_last:
+    if recipe.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = session.prepare_model(model)
-    ema = ModelEmaV3(_unwrap(model), decay=recipe.reg.ema_decay) if recipe.reg.ema_decay else None
+    ema = ModelEmaV3(unwrap(model), decay=recipe.reg.ema_decay) if recipe.reg.ema_decay else None
     optimizer = build_optimizer(recipe, model)
-    updates_per_epoch = len(train_loader)
-    scheduler = build_step_scheduler(recipe, optimizer) if step_mode else build_scheduler(recipe, optimizer, updates_per_epoch)
-    state = _State(model, optimizer, scheduler, ema, sampler)
+    if data.total_updates is not None:
+        scheduler = build_step_scheduler(recipe, optimizer)
+    else:
+        scheduler = build_scheduler(recipe, optimizer, len(data.train_loader))
     mixup = build_mixup(recipe, data.num_classes)
-    loss_fn = build_loss(recipe, mixup is not None).to(device)
-    if runtime.compile:
+    loss_fn = build_loss(recipe, mixup is not None).to(session.device)
+    if recipe.runtime.compile:
         model = torch.compile(model)
+    return Training(TrainState(model, optimizer, scheduler, ema, data.sampler), mixup, loss_fn)
 
-    start_epoch = 0
-    with session.restored_checkpoint() as path:
-        if path:
-            start_epoch = _restore(state, path)
 
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, num_epochs):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        seen = 0
-        loss_sum = torch.zeros((), device=device)
-        skipped = 0
-        num_updates = epoch * updates_per_epoch
-        first_update = num_updates
-        for step, (images, targets, batch_skipped) in enumerate(train_loader):
-            skipped += batch_skipped
-            if images is None:
-                continue
-            if mixup is not None and images.shape[0] % 2:
-                images, targets = images[:-1], targets[:-1]  # Mixup pairs samples: an even batch
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            if runtime.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(recipe, device):
-                loss = loss_fn(model(images), targets)
-            if _diverged(loss, session.world_size):
-                raise TrainingError(
-                    f"loss became {'non-finite' if torch.isfinite(loss) else loss.item()} at epoch {epoch + 1}, step {step + 1}: "
-                    f"the recipe diverged (optim.name={recipe.optim.name}, optim.lr={recipe.optim.lr:g})"
-                )
-            optimizer_step(loss, model, optimizer, recipe.optim.grad_clip)
-            num_updates += 1
-            scheduler.step_update(num_updates=num_updates)
-            if ema is not None:
-                ema.update(_unwrap(model), step=num_updates)
-            loss_sum += loss.detach()
-            seen += images.shape[0]
-            if step_mode and num_updates >= total_updates:
-                break
-        scheduler.step(epoch + 1)
-        train_time = time.perf_counter() - started
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    skipped: int
+    updates: int  # after the epoch, since the start of training
 
-        metrics = {
-            "epoch": epoch + 1,
-            "epochs": num_epochs,
-            "train/loss": loss_sum.item() / max(num_updates - first_update, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen * session.world_size / max(train_time, 1e-9),
-        }
-        if step_mode:
-            metrics.update({"iteration": num_updates, "iterations": total_updates})
-        model_metrics = evaluate(model, val_loader, device, recipe)
-        train_skipped = torch.tensor([float(skipped)], dtype=torch.float64, device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(train_skipped)  # evaluate() already summed its own count over workers
-        metrics["data/skipped"] = train_skipped.item() + model_metrics.pop("skipped")
-        dataset_size = len(data.train) + len(data.val)
-        if metrics["data/skipped"] > MAX_UNREADABLE_FRACTION * dataset_size:
-            raise DataError(
-                f"{int(metrics['data/skipped'])} images of {recipe.data.name!r} could not be decoded in epoch {epoch + 1} "
-                f"(more than {MAX_UNREADABLE_FRACTION:.0%} of {dataset_size}); their paths are in the trial's log"
-            )
-        if ema is not None:
-            # As timm's train.py: the EMA weights are what the recipe delivers and
-            # what is scored; the raw model's numbers are kept beside them.
-            ema_metrics = evaluate(ema.module, val_loader, device, recipe)
-            ema_metrics.pop("skipped")
-            metrics.update({f"val/{k}": v for k, v in ema_metrics.items()})
-            metrics.update({f"val_model/{k}": v for k, v in model_metrics.items()})
-        else:
-            metrics.update({f"val/{k}": v for k, v in model_metrics.items()})
-        metrics["epoch_s"] = time.perf_counter() - started
-        if not math.isfinite(metrics["val/loss"]):
-            raise TrainingError(f"validation loss became {metrics['val/loss']} at epoch {epoch + 1}: the recipe diverged")
 
-        if session.keeps_checkpoints and session.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="recipe-search-ckpt-") as directory:
-                _save_checkpoint(state, epoch + 1, recipe, directory)
-                session.report(metrics, directory)
-        else:
-            session.report(metrics, None)
+def _batch(images: torch.Tensor, targets: torch.Tensor, training: Training, recipe: Recipe, device: torch.device):
+    """A batch on the device, mixed when the recipe mixes, in the recipe's memory format."""
+    if training.mixup is not None and images.shape[0] % 2:
+        images, targets = images[:-1], targets[:-1]  # Mixup pairs samples: an even batch
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if training.mixup is not None:
+        images, targets = training.mixup(images, targets)
+    if recipe.runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def train_epoch(training: Training, data: ClassifierData, recipe: Recipe, session: Session, epoch: int) -> EpochStats:
+    """One pass of the training loader (a step schedule: one evaluation period of updates)."""
+    state, device = training.state, session.device
+    if hasattr(data.sampler, "set_epoch"):
+        data.sampler.set_epoch(epoch)
+    state.model.train()
+    loss_sum = torch.zeros((), device=device)
+    seen = skipped = 0
+    updates = first = epoch * len(data.train_loader)
+    for step, (images, targets, batch_skipped) in enumerate(data.train_loader):
+        skipped += batch_skipped
+        if images is None:
+            continue
+        images, targets = _batch(images, targets, training, recipe, device)
+        with autocast(recipe, device):
+            loss = training.loss_fn(state.model(images), targets)
+        check_finite(loss, session.world_size, lambda: f"epoch {epoch + 1}, step {step + 1} (optim.name={recipe.optim.name}, optim.lr={recipe.optim.lr:g})")
+        optimizer_step(loss, state.model, state.optimizer, recipe.optim.grad_clip)
+        updates += 1
+        state.scheduler.step_update(num_updates=updates)
+        if state.ema is not None:
+            state.ema.update(unwrap(state.model), step=updates)
+        loss_sum += loss.detach()
+        seen += images.shape[0]
+        if data.total_updates is not None and updates >= data.total_updates:
+            break
+    state.scheduler.step(epoch + 1)
+    return EpochStats(loss_sum.item() / max(updates - first, 1), seen, skipped, updates)
+
+
+def evaluate_period(training: Training, data: ClassifierData, recipe: Recipe, session: Session, train_skipped: int) -> dict[str, float]:
+    """``val/*`` (the EMA weights when the recipe keeps an EMA, as timm's train.py scores them; the raw
+    model's then as ``val_model/*``) and ``data/skipped``; fails when too many images cannot be decoded."""
+    model_metrics = evaluate(training.model, data.val_loader, session.device, recipe)
+    skipped = torch.tensor([float(train_skipped)], dtype=torch.float64, device=session.device)
+    if distributed():
+        dist.all_reduce(skipped)  # evaluate() already summed its own count over workers
+    metrics = {"data/skipped": skipped.item() + model_metrics.pop("skipped")}
+    if metrics["data/skipped"] > MAX_UNREADABLE_FRACTION * data.size:
+        raise DataError(
+            f"{int(metrics['data/skipped'])} images of {recipe.data.name!r} could not be decoded "
+            f"(more than {MAX_UNREADABLE_FRACTION:.0%} of {data.size}); their paths are in the trial's log"
+        )
+    if training.state.ema is not None:
+        ema_metrics = evaluate(training.state.ema.module, data.val_loader, session.device, recipe)
+        ema_metrics.pop("skipped")
+        metrics.update({f"val/{k}": v for k, v in ema_metrics.items()})
+        metrics.update({f"val_model/{k}": v for k, v in model_metrics.items()})
+    else:
+        metrics.update({f"val/{k}": v for k, v in model_metrics.items()})
+    if not math.isfinite(metrics["val/loss"]):
+        raise TrainingError(f"validation loss became {metrics['val/loss']}: the recipe diverged")
     return metrics
+
+
+def _period_report(data: ClassifierData, stats: EpochStats, epoch: int, metrics: dict[str, float]) -> TrialReport:
+    """Progress in iterations for a step schedule, in epochs otherwise."""
+    if data.total_updates is not None:
+        return TrialReport.period(metrics, stats.updates, data.total_updates, Unit.ITERATION)
+    return TrialReport.period(metrics, epoch + 1, data.periods, Unit.EPOCH)
+
+
+def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> TrialReport:
+    """Train and evaluate one recipe; report every period to ``session``. Returns the last report."""
+    recipe = validate_recipe(recipe)
+    prepare_process(recipe, session)
+    data = build_classifier_data(recipe, session)
+    training = build_training(recipe, session, data)
+    start = restore(training.state, session, Unit.EPOCH)
+    report = None
+    for epoch in range(start, data.periods):
+        started = time.perf_counter()
+        stats = train_epoch(training, data, recipe, session, epoch)
+        train_time = time.perf_counter() - started
+        metrics = {
+            "train/loss": stats.loss,
+            "lr": training.state.optimizer.param_groups[0]["lr"],
+            "images_per_s": stats.images * session.world_size / max(train_time, 1e-9),
+        }
+        metrics.update(evaluate_period(training, data, recipe, session, stats.skipped))
+        metrics["epoch_s"] = time.perf_counter() - started
+        report = _period_report(data, stats, epoch, metrics)
+        report_period(session, report, training.state, recipe, epoch + 1, Unit.EPOCH)
+    return report

@@ -27,7 +27,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+# Imported with the module, not at first use: importing scikit-learn draws from the global RNGs,
+# which a trial has seeded by then.
+from scipy.spatial import ConvexHull
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from spaces import DataError, RecipeError
 
@@ -78,8 +85,6 @@ def _polygon_from_mask(mask: np.ndarray) -> list[float]:
     A polygon cannot hold a digit's holes, and neither cv2 nor skimage is a
     dependency; the hull keeps the box exact, which is what detection training needs.
     """
-    from scipy.spatial import ConvexHull
-
     ys, xs = np.nonzero(mask)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     corners = corners.astype(np.float64)  # duplicates are harmless to the hull, and np.unique is slow
@@ -128,9 +133,6 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarra
     The split is fixed and is the classification digits' split, so a backbone trained
     on those never saw a digit of the detection val set.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     bunch = load_digits()
     pixels = (bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     idx_train, idx_val = train_test_split(
@@ -387,8 +389,6 @@ class CocoDetection(Dataset):
         self.num_classes = len(self.label_to_category) + 1  # + background
         self._flip = None
         if hflip > 0.0:
-            from torchvision.transforms import v2
-
             self._flip = v2.RandomHorizontalFlip(p=hflip)
 
     def __len__(self) -> int:
@@ -409,8 +409,6 @@ class CocoDetection(Dataset):
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from torchvision import tv_tensors
-
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         image = self._read_image(info)

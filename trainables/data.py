@@ -14,11 +14,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+# Imported here, not when the digits are first built: importing scikit-learn draws from the global
+# RNGs, and doing it after a trial seeded them made the first trial in a process differ from the rest.
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
 from spaces import DataError
-from spaces.recipe import DataConfig
+from spaces.recipe import ClassificationData
 from trainables.fewshot import shots_per_class_subset, split_classes
 
 __all__ = [
@@ -77,9 +81,6 @@ def stratified_subset(targets: Sequence[int], fraction: float, seed: int) -> lis
 
 
 def _digits(size: int) -> tuple[ImageList, ImageList, int]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     bunch = load_digits()
     # 0..16 grey levels -> 8-bit RGB, upscaled once so augmentations work on real pixels.
     pixels = (bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -182,7 +183,7 @@ def _with_transform(dataset: Dataset, transform: Callable) -> Dataset:
     return dataset
 
 
-def build_datasets(cfg: DataConfig, seed: int, train_transform: Callable, eval_transform: Callable) -> Datasets:
+def build_datasets(cfg: ClassificationData, seed: int, train_transform: Callable, eval_transform: Callable) -> Datasets:
     """The train and val sets a recipe names: class split, then few-shot and ``data.fraction`` on train."""
     if cfg.name == "digits":
         train, val, num_classes = _digits(max(cfg.train_size, cfg.test_size))
@@ -208,7 +209,7 @@ def build_datasets(cfg: DataConfig, seed: int, train_transform: Callable, eval_t
 DIGITS_SIZE = 8  # the bundled digits are 8 x 8 pixels
 
 
-def dataset_stats(cfg: DataConfig, seed: int) -> tuple[int, int]:
+def dataset_stats(cfg: ClassificationData, seed: int) -> tuple[int, int]:
     """(training examples after class split, shots and fraction; original image side), for the BiT-HyperRule."""
     examples = len(build_datasets(cfg, seed, None, None).train)
     if cfg.name == "digits":

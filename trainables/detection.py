@@ -12,8 +12,6 @@ scored with pycocotools and a checkpoint is reported (one Tune iteration).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -34,22 +32,23 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 
-from spaces import Recipe, RecipeError, TrainingError, validate_recipe
+from spaces import DetectionRecipe, RecipeError, validate_recipe
 from spaces.recipe import init_checkpoint, step_schedule
-from trainables.classification import (
-    CHECKPOINT_FILE,
-    _autocast,
-    _diverged,
-    _rng_state,
-    _set_rng_state,
-    _unwrap,
-    build_optimizer,
-    build_step_scheduler,
-    optimizer_step,
-    seed_everything,
-)
 from trainables.checkpoints import load_weights
 from trainables.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, detections_to_coco, digits_det_root, subset_image_ids
+from trainables.engine import (
+    TrainState,
+    autocast,
+    build_optimizer,
+    build_step_scheduler,
+    check_finite,
+    optimizer_step,
+    prepare_process,
+    report_period,
+    restore,
+    unwrap,
+)
+from trainables.report import TrialReport, Unit
 from trainables.session import Session
 
 __all__ = [
@@ -62,6 +61,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+Recipe = DetectionRecipe
 GN_GROUPS = 32  # GroupNorm(32) as in the paper and detectron2
 _RETURN_LAYERS = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
 _ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -164,7 +164,7 @@ class _EvalSize:
     """The model resizes to ``data.test_size`` while evaluating, to the train sizes otherwise."""
 
     def __init__(self, model: nn.Module, size: int) -> None:
-        self.transform = _unwrap(model).transform
+        self.transform = unwrap(model).transform
         self.size = size
 
     def __enter__(self) -> None:
@@ -182,14 +182,14 @@ def evaluate_detector(model: nn.Module, val: CocoDetection, recipe: Recipe, sess
     image_ids = val.image_ids[session.rank :: session.world_size]
     shard = torch.utils.data.Subset(val, range(session.rank, len(val), session.world_size))
     loader = DataLoader(shard, batch_size=4, collate_fn=collate_detection)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     inner.eval()
     masks = recipe.model.name == "mask_rcnn"
     results: list[dict[str, Any]] = []
     done = 0
     with _EvalSize(inner, recipe.data.test_size):
         for images, _ in loader:
-            with _autocast(recipe, device):
+            with autocast(recipe, device):
                 outputs = inner([image.to(device) for image in images])
             outputs = [{k: v.float().cpu() for k, v in out.items()} for out in outputs]
             results += detections_to_coco(outputs, image_ids[done : done + len(images)], val.label_to_category, masks)
@@ -213,108 +213,90 @@ def _epoch_order(sampler: DistributedSampler, epoch: int, skip: int) -> list[int
     return list(sampler)[skip:]
 
 
-def _save(model: nn.Module, optimizer, scheduler, iteration: int, recipe: Recipe, directory: str) -> None:
-    torch.save(
-        {
-            "model": _unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "iteration": iteration,
-            "recipe": recipe.model_dump(mode="json"),
-            "rng": _rng_state(None),
-        },
-        os.path.join(directory, CHECKPOINT_FILE),
-    )
+@dataclass
+class PeriodStats:
+    losses: dict[str, float]  # train/<loss> means over the period
+    images: int
+    seconds: float
 
 
-def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> dict[str, float]:
-    """Train one detection recipe; report COCO AP and a checkpoint every eval period. Returns the last metrics."""
-    recipe = validate_recipe(recipe)
-    runtime, schedule = recipe.runtime, recipe.schedule
-    device = session.device
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(runtime.cpus_per_worker)))
-    seed_everything(runtime.seed + session.rank)
-    data = detection_datasets(recipe)
-    per_worker_batch = recipe.optim.batch_size // session.world_size
-    if per_worker_batch * session.world_size > len(data.train):
-        raise RecipeError(
-            f"optim.batch_size {recipe.optim.batch_size} exceeds the {len(data.train)} training images of {recipe.data.name!r}"
+class _Batches:
+    """The training batches of this worker from any iteration on: passes of a seeded sampler, resumable mid-pass."""
+
+    def __init__(self, recipe: Recipe, data: DetectionData, session: Session) -> None:
+        self.per_worker = recipe.optim.batch_size // session.world_size
+        if self.per_worker * session.world_size > len(data.train):
+            raise RecipeError(
+                f"optim.batch_size {recipe.optim.batch_size} exceeds the {len(data.train)} training images of {recipe.data.name!r}"
+            )
+        self.sampler = DistributedSampler(
+            data.train, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=recipe.runtime.seed, drop_last=True
         )
-    sampler = DistributedSampler(
-        data.train, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=runtime.seed, drop_last=True
-    )
-    batches_per_pass = len(sampler) // per_worker_batch
+        self.per_pass = len(self.sampler) // self.per_worker
+        self.dataset = data.train
+        self.workers = 0 if recipe.data.name == "digits-det" else max(0, int(recipe.runtime.cpus_per_worker) - 1)
 
+    def starting_at(self, iteration: int):
+        """Batches from ``iteration`` to the end of its pass over the data."""
+        epoch, position = divmod(iteration, self.per_pass)
+        order = _epoch_order(self.sampler, epoch, position * self.per_worker)
+        return DataLoader(
+            self.dataset, batch_size=self.per_worker, sampler=order, drop_last=True,
+            collate_fn=collate_detection, num_workers=self.workers,
+        )
+
+
+def train_period(state: TrainState, batches: _Batches, recipe: Recipe, session: Session, iteration: int, end: int) -> tuple[int, PeriodStats]:
+    """Train from ``iteration`` to ``end``; the iteration reached and the period's mean losses."""
+    device, model = session.device, state.model
+    model.train()
+    started = time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
+    seen, first = 0, iteration
+    while iteration < end:
+        for images, targets in batches.starting_at(iteration):
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            with autocast(recipe, device):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            check_finite(loss, session.world_size, lambda: f"iteration {iteration + 1} (optim.lr={recipe.optim.lr:g}, model.norm={recipe.model.norm}, model.init={recipe.model.init})")
+            optimizer_step(loss, model, state.optimizer, recipe.optim.grad_clip)
+            iteration += 1
+            state.scheduler.step_update(num_updates=iteration)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+            seen += len(images)
+            if iteration >= end:
+                break
+    done = max(iteration - first, 1)
+    return iteration, PeriodStats({f"train/{name}": float(total) / done for name, total in sums.items()}, seen, time.perf_counter() - started)
+
+
+def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> TrialReport:
+    """Train one detection recipe; report COCO AP and a checkpoint every eval period. Returns the last report."""
+    recipe = validate_recipe(recipe)
+    prepare_process(recipe, session)
+    data = detection_datasets(recipe)
+    batches = _Batches(recipe, data, session)
     model = session.prepare_model(build_detector(recipe, data.num_classes))
     optimizer = build_optimizer(recipe, model)
-    scheduler = build_step_scheduler(recipe, optimizer)  # detectron2's WarmupMultiStepLR
-    iterations = step_schedule(recipe)[0]
-
-    iteration = 0
-    with session.restored_checkpoint() as path:
-        if path:
-            ckpt = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-            _unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            _set_rng_state(ckpt["rng"], None)
-            iteration = int(ckpt["iteration"])
-    scheduler.step_update(num_updates=iteration)
-
-    metrics: dict[str, float] = {}
-    loader_workers = 0 if recipe.data.name == "digits-det" else max(0, int(runtime.cpus_per_worker) - 1)
+    state = TrainState(model, optimizer, build_step_scheduler(recipe, optimizer))  # detectron2's WarmupMultiStepLR
+    iterations, period = step_schedule(recipe)[0], recipe.schedule.eval_period
+    iteration = restore(state, session, Unit.ITERATION)
+    state.scheduler.step_update(num_updates=iteration)
+    report = None
     while iteration < iterations:
-        period_end = min(iterations, (iteration // schedule.eval_period + 1) * schedule.eval_period)
-        model.train()
-        started = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        first = iteration
-        while iteration < period_end:
-            epoch, position = divmod(iteration, batches_per_pass)
-            order = _epoch_order(sampler, epoch, position * per_worker_batch)
-            loader = DataLoader(
-                data.train, batch_size=per_worker_batch, sampler=order, drop_last=True,
-                collate_fn=collate_detection, num_workers=loader_workers,
-            )
-            for images, targets in loader:
-                images = [image.to(device, non_blocking=True) for image in images]
-                targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-                with _autocast(recipe, device):
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                if _diverged(loss, session.world_size):
-                    raise TrainingError(
-                        f"loss became non-finite at iteration {iteration + 1}: the recipe diverged "
-                        f"(optim.lr={recipe.optim.lr:g}, model.norm={recipe.model.norm}, model.init={recipe.model.init})"
-                    )
-                optimizer_step(loss, model, optimizer, recipe.optim.grad_clip)
-                iteration += 1
-                scheduler.step_update(num_updates=iteration)
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
-                seen += len(images)
-                if iteration >= period_end:
-                    break
-        period_s = time.perf_counter() - started
-        done = max(iteration - first, 1)
-        metrics = {f"train/{name}": float(total) / done for name, total in sums.items()}
-        metrics.update(
-            {
-                "iteration": iteration,
-                "iterations": iterations,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen * session.world_size / max(period_s, 1e-9),
-                "period_s": period_s,
-            }
-        )
+        end = min(iterations, (iteration // period + 1) * period)
+        iteration, stats = train_period(state, batches, recipe, session, iteration, end)
+        metrics = {
+            **stats.losses,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": stats.images * session.world_size / max(stats.seconds, 1e-9),
+            "period_s": stats.seconds,
+        }
         metrics.update({f"val/{k}": v for k, v in evaluate_detector(model, data.val, recipe, session).items()})
-        if session.keeps_checkpoints and session.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="recipe-search-ckpt-") as directory:
-                _save(model, optimizer, scheduler, iteration, recipe, directory)
-                session.report(metrics, directory)
-        else:
-            session.report(metrics, None)
-    return metrics
+        report = TrialReport.period(metrics, iteration, iterations, Unit.ITERATION)
+        report_period(session, report, state, recipe, iteration, Unit.ITERATION)
+    return report

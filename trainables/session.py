@@ -11,9 +11,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
+
+from trainables.report import TrialReport
 
 __all__ = ["Session", "TrainSession", "TuneSession", "LocalSession", "local_device"]
 
@@ -29,7 +31,7 @@ class Session(Protocol):
     device: torch.device
     keeps_checkpoints: bool
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None: ...
+    def report(self, report: TrialReport, checkpoint_dir: Optional[str]) -> None: ...
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Optional[str]]: ...
 
@@ -49,11 +51,11 @@ class TrainSession:
         self.device = ray.train.torch.get_device()
         self.keeps_checkpoints = True
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
+    def report(self, report: TrialReport, checkpoint_dir: Optional[str]) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(report.to_result(), checkpoint=checkpoint)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Optional[str]]:
@@ -82,11 +84,11 @@ class TuneSession:
     def __init__(self) -> None:
         self.device = local_device()
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
+    def report(self, report: TrialReport, checkpoint_dir: Optional[str]) -> None:
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report(report.to_result(), checkpoint=checkpoint)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Optional[str]]:
@@ -104,21 +106,21 @@ class TuneSession:
 
 
 class LocalSession:
-    """No Ray: keeps reports in memory; checkpoints optional (for benchmarks and tests)."""
+    """No Ray: keeps the reports in memory; checkpoints optional (for benchmarks and tests)."""
 
     world_size = 1
     rank = 0
 
     def __init__(self, keep_checkpoints: bool = False, resume_from: Optional[str] = None) -> None:
         self.device = local_device()
-        self.reports: list[dict[str, Any]] = []
+        self.reports: list[TrialReport] = []
         self.checkpoints: list[str] = []
         self.keeps_checkpoints = keep_checkpoints
         self.resume_from = resume_from
         self._root = tempfile.mkdtemp(prefix="recipe-search-local-") if keep_checkpoints else None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
-        self.reports.append(dict(metrics))
+    def report(self, report: TrialReport, checkpoint_dir: Optional[str]) -> None:
+        self.reports.append(report)
         if checkpoint_dir and self._root:
             kept = os.path.join(self._root, f"epoch_{len(self.reports):04d}")
             shutil.copytree(checkpoint_dir, kept)

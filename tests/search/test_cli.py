@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from spaces import define_by_run, known_keys, recipe_names, space_names
+from spaces import define_by_run, flatten, recipe_names, resolve_recipe, space_names, task_keys
 
 CLI = [sys.executable, "-m", "search.cli"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,8 +29,21 @@ def test_recipes_json_is_the_resolved_nested_recipe(workdir):
     assert result.returncode == 0, result.stderr
     recipe = json.loads(result.stdout)
     assert recipe["optim"]["lr"] == 0.008 and recipe["data"]["train_size"] == 160
-    flat = {f"{s}.{k}" for s, v in recipe.items() if isinstance(v, dict) for k in v} | {"task"}
-    assert flat == set(known_keys())
+    flat = set(flatten(recipe))
+    assert flat == set(flatten(resolve_recipe("rsb-a3").model_dump()))
+    assert not flat & (task_keys("detection") - task_keys("classification"))  # no detection key
+    assert "optim.momentum" not in flat  # LAMB takes none
+    det = set(flatten(json.loads(run(["recipes", "scratch-det-digits", "--json"], workdir).stdout)))
+    assert {"model.anchor_sizes", "schedule.iterations"} <= det and not det & (task_keys("classification") - task_keys("detection"))
+
+
+def test_set_of_another_tasks_key_is_one_line_and_exit_2(workdir):
+    result = run(["recipes", "rsb-digits", "--set", "model.anchor_sizes=[8,16,32,64,128]"], workdir)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: model.anchor_sizes is a detection key; recipe rsb-digits is classification\n"
+    result = run(["recipes", "rsb-digits", "--set", "optim.momentum=0.95"], workdir)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --set optim.momentum does not apply to recipe rsb-digits (optim.name=lamb): it needs an optimizer with momentum")
 
 
 def test_listings(workdir):
@@ -165,6 +178,7 @@ def test_grid_searcher_visits_every_point_once_and_never_stops_the_study():
     import optuna
 
     from search.algorithms import PruneAwareOptunaSearch, build_searcher
+    from trainables.report import TrialReport, Unit
     from spaces import load_space, resolve_recipe
     from spaces.recipe import flatten
 
@@ -176,6 +190,6 @@ def test_grid_searcher_visits_every_point_once_and_never_stops_the_study():
     for i in range(4):
         config = searcher.suggest(str(i))
         seen.append((config["model.init"], config["schedule.multiplier"]))
-        searcher.on_trial_complete(str(i), {"val/bbox_AP": 0.1 * i, "iteration": 1, "iterations": 1})  # the last one used to raise
+        searcher.on_trial_complete(str(i), TrialReport.period({"val/bbox_AP": 0.1 * i}, 1, 1, Unit.ITERATION).to_result())  # the last one used to raise
     assert sorted(seen) == [("pretrained", 1), ("pretrained", 2), ("scratch", 1), ("scratch", 2)]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in searcher.study.trials)

@@ -14,8 +14,8 @@ import timm
 import timm.layers
 
 from search.cli import app
-from search.sweep import SweepSpec, plan_sweep, run_sweep
-from search.upstream import needs_upstream
+from search.plan import SweepSpec, needs_upstream, plan_sweep
+from search.sweep import run_sweep
 from spaces import load_space, parse_space, resolve_recipe
 
 
@@ -56,7 +56,7 @@ def test_detection_sweep_reports_ap_per_eval_period_and_asha_stops_by_it(ray_ses
     state = run_sweep(plan, out=out)
     records = state["trials"]
     assert [r["status"] for r in records.values()] == ["TERMINATED"] * 3
-    assert {r["unit"] for r in records.values()} == {"iteration"}
+    assert {r["progress"]["unit"] for r in records.values()} == {"iteration"}
     assert "finished 6 iterations" in out.getvalue()
     client, parent, children = _children("det-e2e")
     assert len(children) == 3

@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 
 from search.algorithms import PruneAwareOptunaSearch
 from search.cli import app
-from search.sweep import BEST_RECIPE_FILE, SweepSpec, plan_sweep, run_sweep
-from spaces import Recipe, known_keys, parse_space, resolve_recipe
+from search.layout import BEST_RECIPE_FILE
+from search.plan import SweepSpec, plan_sweep
+from search.sweep import run_sweep
+from spaces import flatten, parse_space, resolve_recipe, task_keys, validate_recipe
+from trainables.report import TrialReport
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +44,11 @@ def _sweep(workdir, name, trials, epochs, **spec_args):
     out = io.StringIO()
     state = run_sweep(plan, out=out)
     return plan, state, out.getvalue()
+
+
+def _artifact(client, run_id, path):
+    with open(client.download_artifacts(run_id, path)) as f:
+        return f.read()
 
 
 def _runs(experiment_name):
@@ -84,11 +92,14 @@ def _check_sweep(workdir, plan, state, trials):
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["recipe_search.sweep"] == plan.name
-        assert set(child.data.params) == set(known_keys())
+        params = child.data.params  # the recipe's own keys: nothing of detection, momentum only where it applies
+        assert set(params) <= task_keys("classification") and "model.anchor_sizes" not in params
+        assert ("optim.momentum" in params) == (params["optim.name"] in ("sgd", "momentum"))
+        assert set(params) == set(flatten(validate_recipe(yaml.safe_load(_artifact(client, child.info.run_id, "recipe.yaml"))).model_dump()))
         record = records[child.data.tags["recipe_search.trial_id"]]
         assert child.info.status == ("KILLED" if record["stopped_early"] else "FINISHED")
         history = client.get_metric_history(child.info.run_id, "val/top1")
-        assert sorted(m.step for m in history) == list(range(1, record["epoch"] + 1))
+        assert sorted(m.step for m in history) == list(range(1, record["progress"]["done"] + 1))
         assert "recipe.yaml" in [a.path for a in client.list_artifacts(child.info.run_id)]
     return records
 
@@ -112,7 +123,7 @@ def test_sweep_in_tune_trials_stops_early_tracks_and_exports_best(ray_session, w
     best = json.loads(result.output)
     assert set(best) == {"trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe"}
     recipe = resolve_recipe(str(best_yaml))  # a recipe file, read and validated like any other
-    assert recipe == Recipe.model_validate(best["recipe"])
+    assert recipe == validate_recipe(best["recipe"])
     assert recipe.optim.lr == 0.1  # the good choice won
     assert (workdir / "runs" / "e2e" / BEST_RECIPE_FILE).exists()
 
@@ -189,8 +200,8 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     import sys
     import time
 
-    from search.monitor import read_state
-    from search.sweep import load_sweep_spec
+    from search.layout import read_state
+    from search.plan import load_sweep_spec
 
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
@@ -232,14 +243,14 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     state = run_sweep(plan, out=io.StringIO(), resume=True)
     assert not state.get("interrupted")
     assert len(state["trials"]) == 3
-    assert all(r["status"] == "TERMINATED" and r["epoch"] == 3 for r in state["trials"].values())
+    assert all(r["status"] == "TERMINATED" and r["progress"]["done"] == 3 for r in state["trials"].values())
     assert finished_before <= set(state["trials"])
 
     searcher = PruneAwareOptunaSearch()
     searcher.restore_from_dir(sweep_dir)
     assert [t.state.name for t in searcher.study.trials] == ["COMPLETE"] * 3
 
-    from search.tracking import RUNS_FILE
+    from search.layout import RUNS_FILE
 
     with open(os.path.join(sweep_dir, RUNS_FILE)) as f:
         assert sorted(json.load(f)["trials"]) == sorted(state["trials"])  # the map Tune's syncs must not revert
@@ -261,7 +272,7 @@ def test_a_dead_worker_restarts_from_its_checkpoint(ray_session, workdir, worker
 
     from ray.util.state import list_actors
 
-    from search.monitor import read_state
+    from search.layout import read_state
 
     spec = SweepSpec(
         space=parse_space({"name": "one", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [0.1]}}}, "test"),
@@ -280,10 +291,10 @@ def test_a_dead_worker_restarts_from_its_checkpoint(ray_session, workdir, worker
         while time.time() < deadline and not killed:
             state = read_state(plan.sweep_dir)
             records = list((state or {}).get("trials", {}).values())
-            if records and (records[0].get("epoch") or 0) >= 2:
+            if records and (records[0].get("progress") or {}).get("done", 0) >= 2:
                 actors = list_actors(filters=[("class_name", "=", victim), ("state", "=", "ALIVE")])
                 if actors:
-                    killed["epoch"] = records[0]["epoch"]
+                    killed["epoch"] = records[0]["progress"]["done"]
                     os.kill(actors[0].pid, signal.SIGKILL)
                     return
             time.sleep(0.2)
@@ -294,7 +305,7 @@ def test_a_dead_worker_restarts_from_its_checkpoint(ray_session, workdir, worker
     killer.join()
     assert killed, "the trial finished before a worker could be killed"
     (record,) = state["trials"].values()
-    assert record["status"] == "TERMINATED" and record["epoch"] == 5
+    assert record["status"] == "TERMINATED" and record["progress"]["done"] == 5
     client, _, (child,) = _runs(plan.name)
     assert child.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1")) == [1, 2, 3, 4, 5]
@@ -303,5 +314,5 @@ def test_a_dead_worker_restarts_from_its_checkpoint(ray_session, workdir, worker
 
     (results,) = glob.glob(os.path.join(plan.sweep_dir, "run_trial_*", "result.json"))
     with open(results) as f:
-        epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
+        epochs = [TrialReport.from_result(json.loads(line)).progress.done for line in f if line.strip()]
     assert epochs == [1, 2, 3, 4, 5]

@@ -12,8 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from search.cli import app
+from search.plan import SweepSpec, plan_sweep
 from search.results import sweep_best
-from search.sweep import SweepSpec, plan_sweep, run_sweep
+from search.sweep import run_sweep
 from spaces import Space
 
 # Seconds instead of the HyperRule's 500 steps: --set keys win over the rule's.

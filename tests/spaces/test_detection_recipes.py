@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spaces import RecipeError, load_space, resolve_recipe
-from spaces.recipe import detection_schedule, init_checkpoint
+from spaces.recipe import check_applies, detection_schedule, init_checkpoint
 from spaces.recipes import coco_equivalent_1x, rethinking_schedule
 
 # reference/RECIPES.md: 1x = 90k at batch 16, drops in the last 60k and 20k; 9x as detectron2.
@@ -66,9 +66,9 @@ def test_small_data_keeps_cocos_epochs():
     [
         ({"data.name": "digits"}, "digits-det"),
         ({"model.norm": "syncbn"}, "SyncBatchNorm layers only work with GPU modules"),
-        ({"reg.mixup_alpha": 0.2}, "reg.mixup_alpha is a classification setting"),
-        ({"model.backbone": "resnet152"}, "model.backbone must be one of"),
-        ({"model.name": "resnet50"}, "model.name must be one of mask_rcnn, faster_rcnn"),
+        ({"reg.mixup_alpha": 0.2}, "reg.mixup_alpha is a classification key; recipe scratch-det-digits is detection"),
+        ({"model.backbone": "resnet152"}, "model.backbone: input should be 'resnet18', 'resnet34', 'resnet50' or 'resnet101', but got 'resnet152'"),
+        ({"model.name": "resnet50"}, "model.name: input should be 'mask_rcnn' or 'faster_rcnn', but got 'resnet50'"),
         ({"schedule.steps": [250, 100]}, "schedule.steps must increase"),
         ({"schedule.multiplier": 0.1}, "every drop must come after"),
         ({"model.fpn_channels": 48}, "multiple of 32"),
@@ -84,8 +84,11 @@ def test_bad_detection_recipes_name_the_problem(overrides, fragment):
 def test_classification_refuses_detection_only_settings():
     with pytest.raises(RecipeError, match="task=detection"):
         resolve_recipe("rsb-digits", {"data.name": "digits-det"})
-    with pytest.raises(RecipeError, match="schedule.multiplier scales step schedules"):
-        resolve_recipe("rsb-digits", {"schedule.multiplier": 2})
+    # A step-schedule key on an epoch schedule does not apply: --set refuses it, saying what it needs.
+    recipe = resolve_recipe("rsb-digits", {"schedule.multiplier": 2})
+    assert "multiplier" not in recipe.model_dump()["schedule"]
+    with pytest.raises(RecipeError, match=r"--set schedule.multiplier does not apply to recipe rsb-digits .*needs a step schedule"):
+        check_applies(recipe, ["schedule.multiplier"], "recipe rsb-digits", "--set ")
 
 
 def test_init_pretrained_reads_model_pretrained():

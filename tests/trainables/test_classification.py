@@ -17,9 +17,10 @@ def _train(epochs=3, keep=False, resume_from=None, **extra):
 
 def test_learns_and_reports_every_epoch():
     session = _train()
-    assert [r["epoch"] for r in session.reports] == [1, 2, 3]
-    last = session.reports[-1]
-    for key in ("train/loss", "val/top1", "val/top5", "val/loss", "lr", "epoch", "images_per_s", "epoch_s"):
+    assert [(r.progress.done, r.progress.total, r.progress.unit.value) for r in session.reports] == [(1, 3, "epoch"), (2, 3, "epoch"), (3, 3, "epoch")]
+    assert [r.outcome.value for r in session.reports] == ["running", "running", "completed"]
+    last = session.reports[-1].metrics
+    for key in ("train/loss", "val/top1", "val/top5", "val/loss", "lr", "images_per_s", "epoch_s"):
         assert key in last
     assert last["val/top1"] > 0.5  # chance is 0.1
     assert last["val/top5"] >= last["val/top1"]
@@ -29,9 +30,9 @@ def test_learns_and_reports_every_epoch():
 def test_same_recipe_and_seed_give_the_same_result():
     first = _train(epochs=2, **{"data.rand_augment": "rand-m5-mstd0.5-inc1", "reg.mixup_alpha": 0.2})
     second = _train(epochs=2, **{"data.rand_augment": "rand-m5-mstd0.5-inc1", "reg.mixup_alpha": 0.2})
-    assert [r["val/top1"] for r in first.reports] == [r["val/top1"] for r in second.reports]
+    assert [r.metrics["val/top1"] for r in first.reports] == [r.metrics["val/top1"] for r in second.reports]
     other = _train(epochs=2, **{"data.rand_augment": "rand-m5-mstd0.5-inc1", "reg.mixup_alpha": 0.2, "runtime.seed": 1})
-    assert [r["train/loss"] for r in other.reports] != [r["train/loss"] for r in first.reports]
+    assert [r.metrics["train/loss"] for r in other.reports] != [r.metrics["train/loss"] for r in first.reports]
 
 
 def test_checkpoints_load_weights_only_and_resume_where_they_stopped(tmp_path):
@@ -41,20 +42,20 @@ def test_checkpoints_load_weights_only_and_resume_where_they_stopped(tmp_path):
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "epoch", "recipe", "rng"}
     assert ckpt["recipe"]["optim"]["lr"] == 0.1
     resumed = _train(epochs=3, resume_from=full.checkpoints[0])
-    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    assert [r.progress.done for r in resumed.reports] == [2, 3]
     # Model, optimizer, schedule and every random stream come back: the resumed run is the same run.
-    assert [r["val/top1"] for r in resumed.reports] == [r["val/top1"] for r in full.reports[1:]]
+    assert [r.metrics["val/top1"] for r in resumed.reports] == [r.metrics["val/top1"] for r in full.reports[1:]]
 
 
 def test_ema_weights_are_scored_and_the_raw_model_kept():
     session = _train(epochs=2, **{"reg.ema_decay": 0.9})
-    last = session.reports[-1]
+    last = session.reports[-1].metrics
     assert "val_model/top1" in last and "val/top1" in last
 
 
 def test_repeated_augmentation_and_bce_train():
     session = _train(epochs=1, **{"data.repeated_aug": 3, "loss.name": "bce", "loss.target_threshold": 0.2})
-    assert session.reports[-1]["train/loss"] > 0
+    assert session.reports[-1].metrics["train/loss"] > 0
 
 
 def test_a_diverging_recipe_stops_at_once():
@@ -87,8 +88,8 @@ def _image_folder(root, classes=("a", "b"), per_class=12, broken=0):
 def test_image_folder_trains_and_counts_skipped_images(tmp_path):
     root = _image_folder(tmp_path / "data", per_class=60, broken=1)  # 1 of 241 images: under 1%
     session = _train(epochs=1, **{"data.name": str(root), "data.fraction": 1.0, "optim.batch_size": 16})
-    assert session.reports[-1]["data/skipped"] == 1
-    assert 0.0 <= session.reports[-1]["val/top1"] <= 1.0
+    assert session.reports[-1].metrics["data/skipped"] == 1
+    assert 0.0 <= session.reports[-1].metrics["val/top1"] <= 1.0
 
 
 def test_a_dataset_with_too_many_unreadable_images_fails(tmp_path):

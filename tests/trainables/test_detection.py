@@ -14,7 +14,7 @@ import timm.layers
 
 from spaces import DataError, resolve_recipe
 from trainables.coco import write_digits_det
-from trainables.classification import build_step_scheduler
+from trainables.engine import build_step_scheduler
 from trainables.detection import build_detector, load_backbone_weights, train_detector, train_sizes
 from trainables.session import LocalSession
 
@@ -108,24 +108,24 @@ def test_training_reports_coco_ap_every_eval_period_and_resumes_exactly(tiny_coc
     recipe = _recipe(**{"data.name": tiny_coco})
     full = LocalSession(keep_checkpoints=True)
     train_detector(recipe, full)
-    assert [r["iteration"] for r in full.reports] == [2, 4]
-    last = full.reports[-1]
+    assert [r.progress.done for r in full.reports] == [2, 4]
+    last = full.reports[-1].metrics
     for key in ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl", "segm_AP", "segm_AP50"):
         assert math.isfinite(last[f"val/{key}"])
-    assert last["iterations"] == 4 and last["train/loss"] > 0 and "train/loss_mask" in last
+    assert full.reports[-1].progress.total == 4 and full.reports[-1].completed and last["train/loss"] > 0 and "train/loss_mask" in last
     assert last["lr"] == pytest.approx(recipe.optim.lr * 0.1)
     ckpt = torch.load(f"{full.checkpoints[0]}/checkpoint.pt", weights_only=True)
     assert ckpt["iteration"] == 2
 
     resumed = LocalSession(resume_from=full.checkpoints[0])
     train_detector(recipe, resumed)
-    assert [r["iteration"] for r in resumed.reports] == [4]
-    assert resumed.reports[0]["train/loss"] == pytest.approx(last["train/loss"], rel=1e-5)
-    assert resumed.reports[0]["val/bbox_AP"] == pytest.approx(last["val/bbox_AP"], abs=1e-6)
+    assert [r.progress.done for r in resumed.reports] == [4]
+    assert resumed.reports[0].metrics["train/loss"] == pytest.approx(last["train/loss"], rel=1e-5)
+    assert resumed.reports[0].metrics["val/bbox_AP"] == pytest.approx(last["val/bbox_AP"], abs=1e-6)
 
 
 def test_less_data_subset_and_faster_rcnn(tiny_coco):
     session = LocalSession()
     train_detector(_recipe(**{"data.name": tiny_coco, "model.name": "faster_rcnn", "data.max_images": 4, "schedule.iterations": 2, "schedule.steps": [1], "schedule.warmup_iters": 0}), session)
-    assert [r["iteration"] for r in session.reports] == [2]
-    assert not any(k.startswith("val/segm") for k in session.reports[0])
+    assert [r.progress.done for r in session.reports] == [2]
+    assert not any(k.startswith("val/segm") for k in session.reports[0].metrics)

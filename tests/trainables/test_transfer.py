@@ -35,14 +35,14 @@ def test_step_schedule_reports_every_eval_period_and_resumes_exactly():
     recipe = _few_shot()
     full = LocalSession(keep_checkpoints=True)
     train_classifier(recipe, full)
-    assert [(r["iteration"], r["iterations"]) for r in full.reports] == [(4, 10), (8, 10), (10, 10)]
+    assert [(r.progress.done, r.progress.total, r.progress.unit.value) for r in full.reports] == [(4, 10, "iteration"), (8, 10, "iteration"), (10, 10, "iteration")]
     lr = recipe.optim.lr
-    assert [r["lr"] for r in full.reports] == pytest.approx([lr * 0.1, lr * 0.01, lr * 0.01])  # drops after 4 and 8 steps
+    assert [r.metrics["lr"] for r in full.reports] == pytest.approx([lr * 0.1, lr * 0.01, lr * 0.01])  # drops after 4 and 8 steps
     resumed = LocalSession(resume_from=full.checkpoints[1])
     train_classifier(recipe, resumed)
-    assert [r["iteration"] for r in resumed.reports] == [10]
-    assert resumed.reports[0]["val/top1"] == full.reports[-1]["val/top1"]
-    assert resumed.reports[0]["train/loss"] == pytest.approx(full.reports[-1]["train/loss"], rel=1e-6)
+    assert [r.progress.done for r in resumed.reports] == [10]
+    assert resumed.reports[0].metrics["val/top1"] == full.reports[-1].metrics["val/top1"]
+    assert resumed.reports[0].metrics["train/loss"] == pytest.approx(full.reports[-1].metrics["train/loss"], rel=1e-6)
 
 
 def test_multiplier_scales_a_classification_step_schedule_whole():

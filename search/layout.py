@@ -1,0 +1,127 @@
+"""Where a sweep keeps its files, and finding and reading them: the bottom layer of ``search``.
+
+Everything here reads; the Tune callbacks (``search.monitor``, ``search.tracking``)
+and the launch (``search.sweep``) write. No other module of ``search`` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+from spaces import SweepError
+from trainables.report import CHECKPOINT_FILE
+
+__all__ = [
+    "BEST_RECIPE_FILE",
+    "LOG_FILE",
+    "META_DIR",
+    "RUNS_FILE",
+    "RUN_PREFIX",
+    "SPEC_FILE",
+    "STATE_FILE",
+    "best_checkpoint",
+    "count_states",
+    "driver_gone",
+    "find_sweep",
+    "read_run_map",
+    "read_state",
+    "resolve_run",
+    "trial_checkpoint",
+]
+
+# The sweep's own files live in a subfolder: on resume, Tune copies the top-level .json
+# files of the experiment folder to its staging folder and syncs them back over and over,
+# which would overwrite these with the copies it took at restore time.
+META_DIR = "recipe-search"
+SPEC_FILE = f"{META_DIR}/sweep.json"  # how the sweep was launched
+STATE_FILE = f"{META_DIR}/state.json"  # trial states, last metrics, the best trial
+RUNS_FILE = f"{META_DIR}/mlflow_runs.json"  # trial -> MLflow run
+BEST_RECIPE_FILE = "best_recipe.yaml"
+LOG_FILE = "ray.log"
+RUN_PREFIX = "run:"
+
+
+def find_sweep(name_or_path: str, storage: str = "runs") -> str:
+    """A sweep directory, by path or by name under the storage root."""
+    candidates = [Path(name_or_path), Path(storage).expanduser() / name_or_path]
+    for candidate in candidates:
+        if (candidate / SPEC_FILE).is_file():
+            return str(candidate.absolute())
+    for candidate in candidates:
+        if candidate.is_dir():
+            raise SweepError(f"{str(candidate)!r} is not a sweep directory (it has no {SPEC_FILE})")
+    raise SweepError(f"no sweep {name_or_path!r}: not a path, and not a name under storage {storage!r}")
+
+
+def _read_json(sweep_dir: str, name: str) -> Optional[dict[str, Any]]:
+    path = os.path.join(sweep_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_state(sweep_dir: str) -> Optional[dict[str, Any]]:
+    """The sweep's recorded state (``state.json``), or None before its first trial."""
+    return _read_json(sweep_dir, STATE_FILE)
+
+
+def read_run_map(sweep_dir: str) -> dict[str, Any]:
+    """``{"experiment_id", "parent_run_id", "trials": {trial_id: run_id}, ...}`` of a tracked sweep."""
+    return _read_json(sweep_dir, RUNS_FILE) or {"trials": {}}
+
+
+def count_states(state: dict[str, Any]) -> dict[str, int]:
+    """Trials by state; those not yet created count as PENDING."""
+    counts = {"TERMINATED": 0, "ERROR": 0, "RUNNING": 0, "PENDING": 0}
+    for record in state["trials"].values():
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    counts["PENDING"] += max(0, state["num_samples"] - sum(counts.values()))
+    return counts
+
+
+def driver_gone(state: dict[str, Any]) -> bool:
+    """Whether an unfinished sweep's driver is known to have stopped (checked on its own host only)."""
+    driver = state.get("driver") or {}
+    if state.get("finished") or driver.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+    return False
+
+
+def trial_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:
+    """The newest checkpoint directory a trial left: in its Tune folder, or its Ray Train run's folder."""
+    root = Path(sweep_dir)
+    found = [
+        path
+        for pattern in (f"*_{trial_id}_*/checkpoint_*", f"train/train-{trial_id}/checkpoint_*")
+        for path in root.glob(pattern)
+        if (path / CHECKPOINT_FILE).is_file()
+    ]
+    return str(max(found, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)) if found else None
+
+
+def best_checkpoint(sweep_dir: str) -> str:
+    """The checkpoint of a finished sweep's (or ``train`` run's) best trial, for a downstream ``model.init``."""
+    state = read_state(sweep_dir)
+    best = (state or {}).get("best")
+    if best is None:
+        raise SweepError(f"sweep {sweep_dir!r} has no finished trial with a result: no checkpoint to start from")
+    path = trial_checkpoint(sweep_dir, best["trial_id"])
+    if path is None:
+        raise SweepError(f"the best trial {best['trial_id']} of {sweep_dir!r} left no checkpoint")
+    return path
+
+
+def resolve_run(reference: str, storage: str) -> str:
+    """``run:NAME``: the best checkpoint of sweep (or ``train`` run) NAME under ``storage``."""
+    return best_checkpoint(find_sweep(reference[len(RUN_PREFIX):], storage))

@@ -1,0 +1,300 @@
+"""Plan a sweep: every check that can fail on user input, before anything starts or is written.
+
+``plan_sweep`` turns a ``SweepSpec`` (the CLI's flags) into a ``SweepPlan``: the
+space, the base recipe with its overrides, data and checkpoints resolved to
+absolute paths, the sweep's directory and tracking URI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from spaces import DataError, Recipe, Space, SweepError, check_keys, load_space
+from spaces.hyperrule import hyperrule, hyperrule_keys
+from spaces.recipe import PRETRAINED
+from spaces.space import DEFAULT_METRICS
+
+from search.algorithms import check_names, grid_points
+from search.layout import RUN_PREFIX, SPEC_FILE, resolve_run
+from search.tracking import check_tracking_uri, resolve_tracking_uri
+from search.trial import LAUNCHERS
+
+__all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "load_sweep_spec", "needs_upstream", "UPSTREAM_RECIPE"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# The classification recipe whose run becomes the pretrained backbone of a detection sweep on digits-det.
+UPSTREAM_RECIPE = "digits-backbone"
+
+
+@dataclass
+class SweepSpec:
+    """Everything a sweep is launched with (the CLI's flags)."""
+
+    space: str | Space = "rsb"
+    name: Optional[str] = None
+    recipe: Optional[str] = None  # base recipe; defaults to the space's
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set and resource flags, dotted keys
+    trials: int = 12
+    searcher: Optional[str] = "tpe"  # None: no searcher (a single ``train`` run)
+    scheduler: str = "asha"
+    grace_period: int = 3
+    concurrency: Optional[int] = None
+    storage: str = "runs"
+    tracking_uri: Optional[str] = None
+    address: Optional[str] = None
+    seed: int = 0
+    max_failures: int = 2
+    launcher: str = "auto"  # "train": Ray Train even for one worker (see search.trial)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if isinstance(self.space, Space):
+            data["space"] = self.space.model_dump(mode="json")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SweepSpec":
+        data = dict(data)
+        if isinstance(data.get("space"), dict):
+            data["space"] = Space.model_validate(data["space"])
+        return cls(**data)
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep, ready to start."""
+
+    spec: SweepSpec
+    space: Space
+    name: str
+    sweep_dir: str
+    storage_root: str
+    base: dict[str, Any]
+    overrides: dict[str, Any]
+    recipe: Recipe  # the base recipe with overrides: resources, data, epochs
+    max_epochs: int
+    tracking_uri: str
+
+
+def _check_storage(root: Path) -> None:
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".recipe-search-probe-", dir=probe))  # permissions alone can lie (root, /proc)
+    except OSError as err:
+        raise SweepError(f"storage path {str(root)!r} cannot be written ({str(probe)!r}: {err.strerror})") from None
+
+
+def _check_address(address: str) -> None:
+    """Fail within seconds when a Ray address does not answer (``ray.init`` would retry for long)."""
+    host_port = address.removeprefix("ray://")
+    if address in ("auto", "local") or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise SweepError(f"Ray address {address!r} does not answer: {err}") from None
+
+
+def _check_no_local_ray() -> None:
+    """Refuse to start a second local Ray: Train V2's state-API calls then cannot tell
+    which instance is theirs, and trials after the first wait forever for workers."""
+    import ray
+    from ray._private.services import find_gcs_addresses  # what ray.init(address="auto") scans
+
+    if ray.is_initialized():
+        return
+    running = sorted(find_gcs_addresses())
+    if running:
+        raise SweepError(
+            f"a Ray instance is already running on this machine ({', '.join(running)}): "
+            f"join it with --address {running[0]}, or stop it with 'ray stop'"
+        )
+
+
+def _max_epochs(space: Space, recipe: Recipe) -> int:
+    """The most Tune iterations a trial can report: epochs, or evaluations of a detection schedule."""
+    def widest(key: str, value: float) -> float:
+        param = space.params.get(key)
+        return max(param.edge_values()) if param is not None else value
+
+    if recipe.schedule.iterations is not None:  # a step schedule: one Tune iteration per evaluation
+        schedule = recipe.schedule
+        iterations = widest("schedule.iterations", schedule.iterations) * widest("schedule.multiplier", schedule.multiplier)
+        return math.ceil(round(iterations) / schedule.eval_period)
+    return int(widest("schedule.epochs", recipe.schedule.epochs))
+
+
+def _hyperrule_keys(recipe: Recipe) -> dict[str, Any]:
+    from trainables.data import dataset_stats  # torch: imported when a recipe derives the rule
+
+    examples, image_size = dataset_stats(recipe.data, recipe.runtime.seed)
+    rule = hyperrule(examples, image_size, recipe.optim.batch_size)
+    return hyperrule_keys(rule, resolution=recipe.schedule.hyperrule == "full")
+
+
+def _checked_data(recipe: Recipe) -> Optional[str]:
+    """The dataset root as an absolute path (workers on other nodes need it there too), None if embedded."""
+    from trainables.data import EMBEDDED_DATASETS
+
+    if recipe.data.name in EMBEDDED_DATASETS or recipe.data.name == "digits-det":
+        return None
+    try:
+        if recipe.task == "detection":
+            from trainables.coco import coco_layout
+
+            coco_layout(recipe.data.name)
+        else:
+            from trainables.data import check_image_folder
+
+            check_image_folder(recipe.data.name)
+    except DataError as err:
+        raise DataError(f"{err} (set with --data or --set data.name=...)") from None
+    return os.path.abspath(recipe.data.name)
+
+
+def needs_upstream(space: Space, recipe: Recipe) -> bool:
+    """Whether a detection sweep may load ``model.pretrained`` on digits-det and none is given:
+    then an upstream classification run on digits provides it (``search.upstream``)."""
+    inits = {recipe.model.init}
+    if "model.init" in space.params:
+        inits |= set(space.params["model.init"].edge_values())
+    return recipe.task == "detection" and recipe.data.name == "digits-det" and PRETRAINED in inits and not recipe.model.pretrained
+
+
+def _checked_checkpoints(space: Space, recipe: Recipe, storage: str) -> dict[str, str]:
+    """model.init / model.pretrained as absolute checkpoint paths (``run:NAME`` resolved); init=pretrained needs model.pretrained."""
+    fixed: dict[str, str] = {}
+    for key in ("model.init", "model.pretrained"):
+        _, field_name = key.split(".")
+        value = getattr(recipe.model, field_name)
+        if isinstance(value, str) and value.startswith(RUN_PREFIX):
+            fixed[key] = resolve_run(value, storage)
+            setattr(recipe.model, field_name, fixed[key])
+    inits = {recipe.model.init}
+    if "model.init" in space.params:
+        inits |= set(space.params["model.init"].edge_values())
+    if PRETRAINED in inits and not recipe.model.pretrained and not needs_upstream(space, recipe):
+        raise SweepError(
+            "model.init=pretrained needs a checkpoint: --set model.pretrained=PATH "
+            "(a ResNet .pt/.pth/.safetensors file, or a run's checkpoint directory)"
+        )
+    paths = {"model.pretrained": recipe.model.pretrained} if recipe.model.pretrained else {}
+    if recipe.model.init not in ("scratch", PRETRAINED):
+        paths["model.init"] = recipe.model.init
+    for key, path in paths.items():
+        if key in fixed:
+            continue
+        if not os.path.exists(path):
+            raise SweepError(f"{key}: checkpoint {path!r} does not exist")
+        fixed[key] = os.path.abspath(path)
+    return fixed
+
+
+def _check_flags(spec: SweepSpec) -> None:
+    if spec.trials < 1:
+        raise SweepError(f"--trials must be at least 1, but got {spec.trials}")
+    if spec.concurrency is not None and spec.concurrency < 1:
+        raise SweepError(f"--concurrency must be at least 1, but got {spec.concurrency}")
+    if spec.launcher not in LAUNCHERS:
+        raise SweepError(f"unknown launcher {spec.launcher!r}; available: {', '.join(LAUNCHERS)}")
+    if spec.grace_period < 1:
+        raise SweepError(f"grace period must be at least 1 epoch, but got {spec.grace_period}")
+    check_names(spec.searcher or "tpe", spec.scheduler)
+
+
+def _space_of(spec: SweepSpec) -> tuple[SweepSpec, Space]:
+    """The space to search (another base recipe with ``--recipe``); a grid's trials are its points."""
+    space = spec.space if isinstance(spec.space, Space) else load_space(spec.space)
+    if spec.searcher == "grid":
+        spec = replace(spec, trials=grid_points(space))  # every point once
+    if spec.recipe:
+        space = space.model_copy(update={"recipe": spec.recipe})
+    check_keys(spec.overrides)  # any task's key; space.check names the task of the recipe
+    clash = sorted(set(spec.overrides) & set(space.params))
+    if clash:
+        # Overrides win over sampled values: the searched dimension would be dead.
+        raise SweepError(f"--set {clash[0]} fixes a key that space {space.name!r} searches; drop one of them")
+    return spec, space
+
+
+def _sweep_dir(spec: SweepSpec, space: Space, resume: bool) -> tuple[str, Path]:
+    """The sweep's name and its (writable) storage root; a new sweep may not take an existing name."""
+    name = spec.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not _NAME.match(name):
+        raise SweepError(f"--name must be letters, digits, '.', '_' or '-' (at most 128), but got {name!r}")
+    storage_root = Path(spec.storage).expanduser().absolute()
+    _check_storage(storage_root)
+    if (storage_root / name / SPEC_FILE).exists() and not resume:
+        raise SweepError(f"sweep {name!r} already exists in {str(storage_root)!r}: resume it (recipe-search resume {name}) or pick another --name")
+    return name, storage_root
+
+
+def _check_services(spec: SweepSpec) -> str:
+    """The tracking URI, answering; the Ray cluster to join answering, or no local Ray running yet."""
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_address(address)
+    else:
+        _check_no_local_ray()
+    return tracking_uri
+
+
+def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
+    """Validate a sweep without side effects; raise a ``RecipeSearchError`` naming what is wrong.
+
+    With ``resume``, the sweep must exist already (see ``load_sweep_spec``).
+    """
+    _check_flags(spec)
+    spec, space = _space_of(spec)
+    base = space.base_recipe()
+    recipe = space.check(spec.overrides)
+    if space.metric is None:
+        space = space.model_copy(update={"metric": DEFAULT_METRICS[recipe.task]})
+    data_root = _checked_data(recipe)
+    if getattr(recipe.schedule, "hyperrule", None):
+        # Under the user's --set, over the preset: the sampled keys then move around the rule's values.
+        derived = {k: v for k, v in _hyperrule_keys(recipe).items() if k not in spec.overrides}
+        base = {**base, **derived}
+        recipe = space.check(spec.overrides, base=base)
+    overrides = dict(spec.overrides)
+    if data_root:
+        # Workers may run on other nodes: they need the same path there (shared storage).
+        recipe.data.name = overrides["data.name"] = data_root
+    overrides.update(_checked_checkpoints(space, recipe, spec.storage))
+    name, storage_root = _sweep_dir(spec, space, resume)
+    tracking_uri = _check_services(spec)
+    return SweepPlan(
+        spec=spec, space=space, name=name, sweep_dir=str(storage_root / name), storage_root=str(storage_root),
+        base=base, overrides=overrides, recipe=recipe, max_epochs=_max_epochs(space, recipe), tracking_uri=tracking_uri,
+    )
+
+
+def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> SweepSpec:
+    """The spec a sweep was launched with, to resume it (``tracking_uri`` overrides the saved one)."""
+    try:
+        with open(os.path.join(sweep_dir, SPEC_FILE)) as f:
+            data = json.load(f)
+        data["storage"] = os.path.dirname(os.path.abspath(sweep_dir))
+        data["name"] = os.path.basename(os.path.abspath(sweep_dir))
+        if tracking_uri:
+            data["tracking_uri"] = tracking_uri
+        return SweepSpec.from_json(data)
+    except (OSError, ValueError, TypeError) as err:
+        raise SweepError(f"cannot read {SPEC_FILE} of sweep {sweep_dir!r}: {err}") from None
+
+
