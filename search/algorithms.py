@@ -6,6 +6,7 @@ available ones (a name timm-style factories would silently map to None).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -146,25 +147,46 @@ class PruneAwareOptunaSearch(OptunaSearch):
             # when the scheduler stops it there: record it as the value it was pruned at.
             step = result.get("training_iteration")
             if step is not None:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     warnings.simplefilter("ignore")  # Optuna keeps the first value of a step reported twice
                     self._ot_trials[trial_id].report(value, step)
             state, value = TrialState.PRUNED, None
-        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        # A stored study may hold the trial as finished already: told just before the driver was
+        # killed, after Tune last saved this searcher. The stored verdict stands.
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # see on_trial_complete
+            super().on_trial_result(trial_id, result)
 
     @property
     def study(self) -> optuna.Study:
         return self._ot_study
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore the searcher; trials its stored study still holds as RUNNING but no Tune trial
+        knows (asked after Tune's last save of the searcher, then lost with the driver) become FAIL."""
+        super().restore(checkpoint_path)
+        known = {trial.number for trial in self._ot_trials.values()}
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in known:
+                self.study.tell(trial.number, state=TrialState.FAIL)
+
 
 def build_searcher(name: str, space_fn: Callable, metric: str, mode: str, seed: Optional[int], trials: int,
-                   points_to_evaluate: Optional[list[dict]] = None) -> PruneAwareOptunaSearch:
+                   points_to_evaluate: Optional[list[dict]] = None, storage: Optional[str] = None,
+                   study_name: Optional[str] = None) -> PruneAwareOptunaSearch:
+    """The searcher ``name`` over a define-by-run space; its Optuna study in the RDB ``storage`` URL when given."""
     spec = _known("searcher", SEARCHERS, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's multivariate/group
         sampler = spec.make_sampler(seed, trials, space_fn.space)
-    return PruneAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate)
+    rdb = optuna.storages.RDBStorage(storage) if storage else None
+    return PruneAwareOptunaSearch(
+        space=space_fn, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points_to_evaluate,
+        storage=rdb, study_name=study_name,
+    )
 
 
 def build_scheduler(name: str, max_t: int, grace_period: int) -> TrialScheduler:

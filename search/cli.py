@@ -61,6 +61,10 @@ AddressOption = typer.Option(None, "--address", help="Ray cluster to join [defau
 WorkersOption = typer.Option(None, "--workers", help="Ray Train workers per trial (DDP when > 1)")
 CpusOption = typer.Option(None, "--cpus-per-worker")
 GpusOption = typer.Option(None, "--gpus-per-worker")
+LogCheckpointOption = typer.Option(
+    True, "--log-checkpoint/--no-log-checkpoint",
+    help="log the winner's final checkpoint to MLflow under best/ (model + optimizer state: ~3x the weights)",
+)
 
 
 EXIT_INTERRUPTED = 130
@@ -132,6 +136,7 @@ def sweep(
     address: Optional[str] = AddressOption,
     seed: int = typer.Option(0, "--seed", help="seed of the searcher"),
     grace_period: int = typer.Option(3, "--grace-period", help="epochs (detection: evaluations) every trial gets before early stopping"),
+    log_checkpoint: bool = LogCheckpointOption,
 ) -> None:
     """Search a recipe space: Optuna proposes, ASHA stops weak trials early, MLflow records every trial."""
     from search.plan import SweepSpec
@@ -140,7 +145,7 @@ def sweep(
     spec = SweepSpec(
         space=space, name=name, recipe=recipe, overrides=overrides, trials=trials, searcher=searcher,
         scheduler=scheduler, grace_period=grace_period, concurrency=concurrency, storage=storage,
-        tracking_uri=tracking_uri, address=address, seed=seed,
+        tracking_uri=tracking_uri, address=address, seed=seed, log_checkpoint=log_checkpoint,
     )
     _launch(spec)
 
@@ -157,6 +162,7 @@ def train(
     storage: str = StorageOption,
     tracking_uri: Optional[str] = TrackingOption,
     address: Optional[str] = AddressOption,
+    log_checkpoint: bool = LogCheckpointOption,
 ) -> None:
     """Train one recipe, no search; tracked in MLflow like a sweep."""
     from search.plan import SweepSpec
@@ -168,6 +174,7 @@ def train(
     spec = SweepSpec(
         space=space, name=name or f"train-{stem}-{time.strftime('%Y%m%d-%H%M%S')}", overrides=overrides, trials=1,
         searcher=None, scheduler="fifo", storage=storage, tracking_uri=tracking_uri, address=address,
+        log_checkpoint=log_checkpoint,
     )
     _launch(spec)
 
@@ -371,6 +378,43 @@ def ui(
     uri = resolve_tracking_uri(tracking_uri)
     print(f"MLflow UI for {uri} on http://{host}:{port}", flush=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+
+
+@app.command()
+def report(
+    sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
+    storage: str = StorageOption,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: the sweep's own]"),
+) -> None:
+    """Write runs/NAME/report.html (winner, importance, history, parallel coordinates, curves, cost) and log it to MLflow."""
+    from search.layout import find_sweep
+    from search.plan import load_sweep_spec
+    from search.report import write_report
+
+    sweep_dir = find_sweep(sweep_name, storage)
+    spec = load_sweep_spec(sweep_dir, tracking_uri)
+    paths = write_report(sweep_dir, spec.tracking_uri, spec.optuna_storage)
+    print(f"report: {paths['report']}")
+
+
+@app.command()
+def dashboard(
+    sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
+    storage: str = StorageOption,
+    port: int = typer.Option(8080, "--port"),
+) -> None:
+    """Open optuna-dashboard on the sweep's Optuna study (history, importance, parallel coordinates) on 127.0.0.1."""
+    from search.layout import find_sweep
+    from search.plan import load_sweep_spec
+
+    sweep_dir = find_sweep(sweep_name, storage)
+    url = load_sweep_spec(sweep_dir).optuna_storage
+    if not url:
+        _fail(f"sweep {sweep_dir!r} has no Optuna study (it ran without a searcher, or before studies were stored)")
+    from optuna_dashboard import run_server
+
+    print(f"optuna-dashboard for {url} (study {os.path.basename(sweep_dir)}) on http://127.0.0.1:{port}", flush=True)
+    run_server(url, host="127.0.0.1", port=port)
 
 
 def main() -> None:

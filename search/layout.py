@@ -19,6 +19,7 @@ __all__ = [
     "BEST_RECIPE_FILE",
     "LOG_FILE",
     "META_DIR",
+    "OPTUNA_FILE",
     "RUNS_FILE",
     "RUN_PREFIX",
     "SPEC_FILE",
@@ -40,6 +41,7 @@ META_DIR = "recipe-search"
 SPEC_FILE = f"{META_DIR}/sweep.json"  # how the sweep was launched
 STATE_FILE = f"{META_DIR}/state.json"  # trial states, last metrics, the best trial
 RUNS_FILE = f"{META_DIR}/mlflow_runs.json"  # trial -> MLflow run
+OPTUNA_FILE = f"{META_DIR}/optuna.db"  # the searcher's Optuna study (unless --optuna-storage names another)
 BEST_RECIPE_FILE = "best_recipe.yaml"
 LOG_FILE = "ray.log"
 RUN_PREFIX = "run:"

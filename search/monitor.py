@@ -85,6 +85,8 @@ class SweepMonitor(Callback):
             "trials": previous.get("trials", {}),
             "best": previous.get("best"),
             "baseline": previous.get("baseline"),
+            # The base recipe as this sweep runs it (--set, data, HyperRule applied): what the winner is compared with.
+            "base_recipe": previous.get("base_recipe") or recipe_of({}).model_dump(mode="json"),
         }
 
     def __getstate__(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from spaces.recipe import PRETRAINED
 from spaces.space import DEFAULT_METRICS
 
 from search.algorithms import check_names, grid_points
-from search.layout import RUN_PREFIX, SPEC_FILE, resolve_run
+from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, resolve_run
 from search.tracking import check_tracking_uri, resolve_tracking_uri
 from search.trial import LAUNCHERS
 
@@ -54,6 +54,8 @@ class SweepSpec:
     seed: int = 0
     max_failures: int = 2
     launcher: str = "auto"  # "train": Ray Train even for one worker (see search.trial)
+    log_checkpoint: bool = True  # the winner's final checkpoint as an MLflow artifact (best/)
+    optuna_storage: Optional[str] = None  # the searcher's study: an RDB URL [default: sqlite in the sweep's folder]
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -242,6 +244,25 @@ def _sweep_dir(spec: SweepSpec, space: Space, resume: bool) -> tuple[str, Path]:
     return name, storage_root
 
 
+def _optuna_storage(spec: SweepSpec, sweep_dir: Path, name: str, resume: bool) -> Optional[str]:
+    """The RDB URL of the searcher's Optuna study (study name = sweep name); a new sweep may not reuse a study."""
+    if spec.searcher is None:
+        return None
+    url = spec.optuna_storage or f"sqlite:///{sweep_dir / OPTUNA_FILE}"
+    if not url.startswith(("sqlite:///", "postgresql", "mysql")):
+        raise SweepError(f"--optuna-storage takes an RDB URL (sqlite:///PATH, postgresql://..., mysql://...), but got {url!r}")
+    if spec.optuna_storage and not resume:
+        import optuna
+
+        try:
+            names = optuna.study.get_all_study_names(storage=url)
+        except Exception as err:  # noqa: BLE001 - any driver or connection error is the user's input
+            raise SweepError(f"--optuna-storage {url!r} cannot be opened: {str(err).splitlines()[0][:200]}") from None
+        if name in names:
+            raise SweepError(f"--optuna-storage {url!r} already holds a study {name!r}: pick another --name")
+    return url
+
+
 def _check_services(spec: SweepSpec) -> str:
     """The tracking URI, answering; the Ray cluster to join answering, or no local Ray running yet."""
     tracking_uri = resolve_tracking_uri(spec.tracking_uri)
@@ -277,6 +298,7 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         recipe.data.name = overrides["data.name"] = data_root
     overrides.update(_checked_checkpoints(space, recipe, spec.storage))
     name, storage_root = _sweep_dir(spec, space, resume)
+    spec = replace(spec, optuna_storage=_optuna_storage(spec, storage_root / name, name, resume))
     tracking_uri = _check_services(spec)
     return SweepPlan(
         spec=spec, space=space, name=name, sweep_dir=str(storage_root / name), storage_root=str(storage_root),

@@ -14,13 +14,17 @@ import os
 import sys
 from typing import Any, Optional
 
+import yaml
+
 from spaces import Recipe, SweepError, define_by_run, flatten, recipe_to_yaml, resolve_recipe, validate_recipe
+from trainables.report import CHECKPOINT_FILE
 
 from search.algorithms import build_scheduler, build_searcher
-from search.layout import BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, read_state
+from search.layout import BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, read_state, trial_checkpoint
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
-from search.tracking import MlflowTracking
+from search.report import write_report
+from search.tracking import MlflowTracking, provenance_tags
 from search.trial import run_trial, trial_resources, uses_ray_train
 
 __all__ = ["init_ray", "build_tuner", "run_sweep"]
@@ -120,7 +124,7 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         points = [plan.space.start_point(resolved)] if plan.space.start else None
         searcher = build_searcher(
             spec.searcher, define_by_run(plan.space, resolved), plan.space.metric, plan.space.mode, spec.seed, spec.trials,
-            points_to_evaluate=points,
+            points_to_evaluate=points, storage=spec.optuna_storage, study_name=plan.name,
         )
     tune_config = tune.TuneConfig(
         metric=plan.space.metric,
@@ -176,6 +180,13 @@ def _callbacks(plan: SweepPlan, out, resume: bool) -> tuple[MlflowTracking, Swee
         recipe_name=plan.space.recipe,
         recipe_of=recipe_of,
         metric=plan.space.metric,
+        mode=plan.space.mode,
+        searched=list(plan.space.params),
+        parent_tags=provenance_tags(_working_directory()),
+        parent_files={
+            "space.yaml": yaml.safe_dump(plan.space.model_dump(mode="json"), sort_keys=False),
+            "sweep.json": _read(os.path.join(plan.sweep_dir, SPEC_FILE)),
+        },
         resumed=resume,
     )
     monitor = SweepMonitor(
@@ -233,5 +244,33 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         best_path = os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)
         with open(best_path, "w") as f:
             f.write(recipe_to_yaml(validate_recipe(best["recipe"])))
-        tracker.log_best(best["value"], best_path)
+        files = {"recipe": best_path}
+        checkpoint = trial_checkpoint(plan.sweep_dir, best["trial_id"]) if plan.spec.log_checkpoint else None
+        if checkpoint:
+            files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
+        tracker.log_best(best, files)
+    _report(plan, out)
     return state
+
+
+def _report(plan: SweepPlan, out) -> None:
+    """The sweep's report; a sweep that ran is not failed by a report that could not be drawn."""
+    try:
+        paths = write_report(plan.sweep_dir, plan.tracking_uri, plan.spec.optuna_storage)
+    except Exception as err:  # noqa: BLE001 - the sweep's results are saved; say why the report is missing
+        logger.exception("the sweep report failed")
+        print(f"report: not written ({type(err).__name__}: {str(err).splitlines()[0][:200]}); see {os.path.join(plan.sweep_dir, LOG_FILE)}", file=out)
+        return
+    print(f"report: {paths['report']} (also on the MLflow parent run)", file=out)
+
+
+def _working_directory() -> Optional[str]:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:  # a Ray Job's working directory can be removed under the driver
+        return None
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()

@@ -8,30 +8,113 @@ directory, so a resumed sweep keeps writing to the same runs.
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
+import subprocess
 import tempfile
 import time
 from typing import Any, Callable, Optional
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.result import TIME_TOTAL_S
 
-from spaces import Recipe, SweepError, flatten, recipe_to_yaml
+from spaces import Recipe, RecipeSearchError, SweepError, flatten, recipe_to_yaml
 from trainables.report import TrialReport
 
 from search.layout import RUNS_FILE
 
-__all__ = ["DEFAULT_TRACKING_URI", "resolve_tracking_uri", "check_tracking_uri", "MlflowTracking", "error_line"]
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "OUTCOMES",
+    "MlflowTracking",
+    "check_tracking_uri",
+    "error_line",
+    "resolve_tracking_uri",
+    "run_name",
+]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_TRIAL = "recipe_search.trial_id"
 TAG_SWEEP = "recipe_search.sweep"
 TAG_RECIPE = "recipe_search.recipe"
+TAG_ORDINAL = "recipe_search.ordinal"
+TAG_SEARCHED = "recipe_search.searched"  # the keys the space searches, comma-separated
+TAG_OUTCOME = "recipe_search.outcome"
+TAG_STOPPED_AT = "recipe_search.stopped_at"  # "epoch 3 of 20": where the scheduler cut the trial
+TAG_ERROR = "recipe_search.error"
+TAG_BEST_TRIAL = "recipe_search.best_trial"
+TAG_BEST_RUN = "recipe_search.best_run_id"
+# How a trial ended, as its run's outcome tag (MLflow's status says only FINISHED / FAILED / KILLED).
+OUTCOMES = ("completed", "stopped_early", "failed", "interrupted")
 _MLFLOW_BATCH = 200  # params per log_batch call (MLflow allows 100 params, 1000 metrics a batch)
+# Short names of searched keys in run names (t07 adamw lr=6.7e-3 wd=4.1e-4).
+_SHORT = {
+    "weight_decay": "wd", "momentum": "mom", "warmup_epochs": "warmup", "warmup_iters": "warmup", "mixup_alpha": "mixup",
+    "cutmix_alpha": "cutmix", "label_smoothing": "smooth", "drop_path_rate": "droppath", "ema_decay": "ema",
+    "rand_augment": "ra", "repeated_aug": "repeat", "multiplier": "x", "scale_jitter": "jitter", "train_size": "size",
+}
+
+
+def _short_number(value: float) -> str:
+    """Two significant digits; an exponent for very small or large values (6.7e-3, not 0.0067)."""
+    if value == 0 or 1e-2 <= abs(value) < 1e4:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def run_name(ordinal: int, config: dict[str, Any], searched: list[str], most: int = 4) -> str:
+    """``t07 adamw lr=6.7e-3 wd=4.1e-4``: the trial's ordinal and its leading searched values."""
+    parts = [f"t{ordinal:02d}"]
+    for key in searched:
+        if key not in config or len(parts) > most:
+            continue
+        value, leaf = config[key], key.split(".")[-1]
+        if leaf == "name" and isinstance(value, str):
+            parts.append(value)  # optim.name=adamw reads as adamw
+        elif isinstance(value, float):
+            parts.append(f"{_SHORT.get(leaf, leaf)}={_short_number(value)}")
+        else:
+            parts.append(f"{_SHORT.get(leaf, leaf)}={value}")
+    return " ".join(parts)
+
+
+def _git_commit(directory: Optional[str]) -> Optional[str]:
+    """The commit checked out in ``directory`` when it is in a git work tree."""
+    if directory is None:
+        return None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance_tags(directory: Optional[str]) -> dict[str, str]:
+    """The user, and the git commit of ``directory`` when it is a git work tree (MLflow's own tag names)."""
+    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": "recipe-search", "mlflow.source.type": "LOCAL"}
+    commit = _git_commit(directory)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _dataset_input(recipe: Recipe) -> Optional[DatasetInput]:
+    """The training data of a recipe as an MLflow dataset input: name, source, digest, number of examples."""
+    from trainables.tasks import summarize_data  # torch, pycocotools: only when a sweep logs its data
+
+    try:
+        summary = summarize_data(recipe)
+    except RecipeSearchError:
+        return None  # the trial itself reports what is wrong with its data
+    source_type = "local" if summary.source.startswith("/") else "code"
+    dataset = Dataset(summary.name, summary.digest, source_type, summary.source, profile=json.dumps({"num_examples": summary.examples}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:
@@ -46,6 +129,13 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
 class MlflowTracking(Callback):
     """Logs a sweep to MLflow: experiment = sweep name, a parent run, nested trial runs.
 
+    The parent carries the sweep's settings, the user and git commit, the space and
+    ``sweep.json``, and at the end the winner (tags, a link in its description, its
+    recipe and checkpoint under ``best/``). Each trial run is named by its ordinal and
+    searched values, tagged with what was searched and how it ended, holds the
+    recipe's own keys as params, the training data as a dataset input, every
+    metric per epoch (or iteration), ``best/<metric>`` and ``cost/device_s``.
+
     Args:
         tracking_uri: where runs go (see ``resolve_tracking_uri``).
         sweep_name: MLflow experiment name and ``recipe_search.sweep`` tag.
@@ -53,7 +143,9 @@ class MlflowTracking(Callback):
         sweep_params: logged on the parent run (space, searcher, scheduler, budget).
         recipe_name: the base recipe, tagged ``recipe_search.recipe`` on each trial run.
         recipe_of: the resolved recipe of a trial's sampled config (the function the trials use).
-        metric: the sweep's objective, for the parent run's best value.
+        metric, mode: the sweep's objective.
+        searched: the keys the space searches, in its order (run names and tags).
+        parent_tags, parent_files: tags and ``{name: text}`` artifacts of a new parent run.
         resumed: a resumed sweep: runs of trials the restored experiment does not know are deleted.
     """
 
@@ -66,6 +158,10 @@ class MlflowTracking(Callback):
         recipe_name: str,
         recipe_of: Callable[[dict[str, Any]], Recipe],
         metric: str,
+        mode: str = "max",
+        searched: Optional[list[str]] = None,
+        parent_tags: Optional[dict[str, str]] = None,
+        parent_files: Optional[dict[str, str]] = None,
         resumed: bool = False,
     ) -> None:
         self.tracking_uri = tracking_uri
@@ -74,13 +170,18 @@ class MlflowTracking(Callback):
         self.sweep_params = sweep_params
         self.recipe_name = recipe_name
         self.recipe_of = recipe_of
+        self.metric, self.mode = metric, mode
+        self.searched = list(searched or [])
+        self.parent_tags = dict(parent_tags or {})
+        self.parent_files = dict(parent_files or {})
         self.resumed = resumed
-        self.metric = metric
         self.client = MlflowClient(tracking_uri)
         self.parent_run_id: Optional[str] = None
         self.run_ids: dict[str, str] = {}
         self.last_steps: dict[str, int] = {}
+        self.best_values: dict[str, float] = {}
         self.experiment_id: Optional[str] = None
+        self.datasets: dict[tuple[str, str, int], Optional[DatasetInput]] = {}  # one summary per distinct data section
 
     # -- run map ---------------------------------------------------------------
     @property
@@ -89,13 +190,13 @@ class MlflowTracking(Callback):
 
     def _save_map(self) -> None:
         os.makedirs(os.path.dirname(self._runs_path), exist_ok=True)
+        saved = {
+            "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": self.run_ids,
+            "last_steps": self.last_steps, "best_values": self.best_values,
+        }
         tmp = self._runs_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(
-                {"experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": self.run_ids, "last_steps": self.last_steps},
-                f,
-                indent=1,
-            )
+            json.dump(saved, f, indent=1)
         os.replace(tmp, self._runs_path)
 
     def _load_map(self) -> None:
@@ -105,6 +206,19 @@ class MlflowTracking(Callback):
             self.parent_run_id = saved.get("parent_run_id")
             self.run_ids = dict(saved.get("trials", {}))
             self.last_steps = dict(saved.get("last_steps", {}))
+            self.best_values = dict(saved.get("best_values", {}))
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        entries = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for i in range(0, len(entries), _MLFLOW_BATCH // 2):
+            self.client.log_batch(run_id, params=entries[i : i + _MLFLOW_BATCH // 2])
+
+    def _log_text(self, run_id: str, name: str, text: str, artifact_path: Optional[str] = None) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, name)
+            with open(path, "w") as f:
+                f.write(text)
+            self.client.log_artifact(run_id, path, artifact_path=artifact_path)
 
     # -- Tune callback hooks ---------------------------------------------------
     def setup(self, **info: Any) -> None:
@@ -119,14 +233,16 @@ class MlflowTracking(Callback):
         if self.parent_run_id:
             self.client.update_run(self.parent_run_id, status="RUNNING")  # a resumed sweep reopens its parent
         else:
-            run = self.client.create_run(
-                self.experiment_id, run_name=self.sweep_name, tags={TAG_SWEEP: self.sweep_name, TAG_RECIPE: self.recipe_name}
-            )
-            self.parent_run_id = run.info.run_id
-            params = [Param(k, str(v)) for k, v in flatten(self.sweep_params).items()]
-            for i in range(0, len(params), _MLFLOW_BATCH // 2):
-                self.client.log_batch(self.parent_run_id, params=params[i : i + _MLFLOW_BATCH // 2])
+            self._create_parent()
         self._save_map()
+
+    def _create_parent(self) -> None:
+        tags = {TAG_SWEEP: self.sweep_name, TAG_RECIPE: self.recipe_name, TAG_SEARCHED: ",".join(self.searched), **self.parent_tags}
+        run = self.client.create_run(self.experiment_id, run_name=self.sweep_name, tags=tags)
+        self.parent_run_id = run.info.run_id
+        self._log_params(self.parent_run_id, flatten(self.sweep_params))
+        for name, text in self.parent_files.items():
+            self._log_text(self.parent_run_id, name, text)
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if not self.resumed:
@@ -148,6 +264,7 @@ class MlflowTracking(Callback):
         for trial_id in [t for t in self.run_ids if t not in known]:
             self.run_ids.pop(trial_id)
             self.last_steps.pop(trial_id, None)
+            self.best_values.pop(trial_id, None)
         self._save_map()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -155,27 +272,29 @@ class MlflowTracking(Callback):
             self.client.update_run(self.run_ids[trial.trial_id], status="RUNNING")
             return
         recipe = self.recipe_of(trial.config)
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=str(trial),
-            tags={
-                "mlflow.parentRunId": self.parent_run_id,
-                TAG_TRIAL: trial.trial_id,
-                TAG_SWEEP: self.sweep_name,
-                TAG_RECIPE: self.recipe_name,
-            },
-        )
+        ordinal = next(i for i, t in enumerate(trials, start=1) if t.trial_id == trial.trial_id)  # Tune's creation order
+        searched = [k for k in self.searched if k in trial.config]
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: trial.trial_id, TAG_SWEEP: self.sweep_name,
+            TAG_RECIPE: self.recipe_name, TAG_ORDINAL: str(ordinal), TAG_SEARCHED: ",".join(searched), **self.parent_tags,
+        }
+        run = self.client.create_run(self.experiment_id, run_name=run_name(ordinal, trial.config, searched), tags=tags)
         run_id = run.info.run_id
         self.run_ids[trial.trial_id] = run_id
         self._save_map()
-        params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(recipe.model_dump(mode="json")).items()]
-        for i in range(0, len(params), _MLFLOW_BATCH // 2):
-            self.client.log_batch(run_id, params=params[i : i + _MLFLOW_BATCH // 2])
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "recipe.yaml")
-            with open(path, "w") as f:
-                f.write(recipe_to_yaml(recipe))
-            self.client.log_artifact(run_id, path)
+        self._log_params(run_id, flatten(recipe.model_dump(mode="json")))  # repr of floats: the searched values exactly
+        self._log_text(run_id, "recipe.yaml", recipe_to_yaml(recipe))
+        key = (recipe.task, recipe.data.model_dump_json(), recipe.runtime.seed)
+        if key not in self.datasets:
+            self.datasets[key] = _dataset_input(recipe)
+        dataset = self.datasets[key]
+        if dataset is not None:
+            self.client.log_inputs(run_id, datasets=[dataset])
+
+    def _devices(self, trial: Trial) -> float:
+        """Workers x GPUs per worker, or x CPUs per worker without GPUs: what a second of the trial costs."""
+        runtime = self.recipe_of(trial.config).runtime
+        return runtime.workers * (runtime.gpus_per_worker or runtime.cpus_per_worker)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)
@@ -183,48 +302,71 @@ class MlflowTracking(Callback):
         if run_id is None or report is None or report.progress is None:
             return
         step = report.progress.done  # the epoch, or the iteration (detection, step schedules)
-        if step > self.last_steps.get(trial.trial_id, 0):  # an epoch re-done after a restart is not logged twice
-            now = int(time.time() * 1000)
-            values = {**report.metrics, report.progress.unit.value: step}
-            metrics = [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
-            self.client.log_batch(run_id, metrics=metrics)
-            self.last_steps[trial.trial_id] = step
-            self._save_map()
+        if step <= self.last_steps.get(trial.trial_id, 0):
+            return  # an epoch re-done after a restart is not logged twice
+        values = {**report.metrics, report.progress.unit.value: step}
+        if TIME_TOTAL_S in result:
+            values["cost/device_s"] = float(result[TIME_TOTAL_S]) * self._devices(trial)
+        value = report.metrics.get(self.metric)
+        best = self.best_values.get(trial.trial_id)
+        if value is not None and math.isfinite(value) and (best is None or (value > best if self.mode == "max" else value < best)):
+            self.best_values[trial.trial_id] = values[f"best/{self.metric}"] = value
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)])
+        self.last_steps[trial.trial_id] = step
+        self._save_map()
 
-    def _finish(self, trial: Trial, status: str, error: Optional[str] = None) -> None:
+    def _finish(self, trial: Trial, status: str, outcome: str, **tags: str) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        if error:
-            self.client.set_tag(run_id, "recipe_search.error", error[:5000])
+        self.client.set_tag(run_id, TAG_OUTCOME, outcome)
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value[:5000])
         self.client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         report = TrialReport.from_result(trial.last_result)
         if report is not None and report.failed:
-            self._finish(trial, "FAILED", error=report.error)
+            self._finish(trial, "FAILED", "failed", **{TAG_ERROR: report.error or "failed"})
+        elif report is not None and report.completed:
+            self._finish(trial, "FINISHED", "completed")
         else:
-            self._finish(trial, "FINISHED" if report is not None and report.completed else "KILLED")
+            # The scheduler's decision, not a fault: FINISHED, with where it was cut.
+            progress = report.progress if report else None
+            where = f"{progress.unit.value} {progress.done} of {progress.total}" if progress else "before its first report"
+            self._finish(trial, "FINISHED", "stopped_early", **{TAG_STOPPED_AT: where})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._finish(trial, "FAILED", error=error_line(trial))
+        self._finish(trial, "FAILED", "failed", **{TAG_ERROR: error_line(trial)})
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self.parent_run_id is None or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials):
             return  # interrupted: close_interrupted marks the open runs
         self.client.set_terminated(self.parent_run_id, status="FINISHED")
 
-    def log_best(self, value: float, recipe_path: str) -> None:
-        """The sweep's best value and recipe, on the parent run."""
-        self.client.log_metric(self.parent_run_id, f"best/{self.metric}", value)
-        self.client.log_artifact(self.parent_run_id, recipe_path)
+    def log_best(self, best: dict[str, Any], files: dict[str, str]) -> None:
+        """The winner on the parent run: tags naming its trial and run, a link in the description,
+        ``best/<metric>``, and ``files`` (recipe, checkpoint: ``{artifact name: local path}``) under ``best/``."""
+        run_id = self.run_ids.get(best["trial_id"])
+        name = self.client.get_run(run_id).info.run_name if run_id else best["trial_id"]
+        self.client.log_metric(self.parent_run_id, f"best/{self.metric}", best["value"])
+        self.client.set_tag(self.parent_run_id, TAG_BEST_TRIAL, best["trial_id"])
+        if run_id:
+            self.client.set_tag(self.parent_run_id, TAG_BEST_RUN, run_id)
+            link = f"#/experiments/{self.experiment_id}/runs/{run_id}"
+            note = f"Best trial: [{name}]({link}), {self.metric} = {best['value']:.4f}. Its recipe and checkpoint are under artifacts best/."
+            self.client.set_tag(self.parent_run_id, "mlflow.note.content", note)
+        for path in files.values():
+            self.client.log_artifact(self.parent_run_id, path, artifact_path="best")
 
     def close_interrupted(self) -> None:
-        """The driver was interrupted: the parent and every run still open are KILLED."""
+        """The driver was interrupted: the parent and every run still open are KILLED, tagged interrupted."""
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, status="KILLED")
         for run_id in self.run_ids.values():
             if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_tag(run_id, TAG_OUTCOME, "interrupted")
                 self.client.set_terminated(run_id, status="KILLED")
 
 

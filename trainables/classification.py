@@ -50,6 +50,7 @@ from trainables.engine import (
 )
 from trainables.report import TrialReport, Unit
 from trainables.session import Session
+from trainables.system import SystemSampler
 
 __all__ = [
     "ClassifierData",
@@ -392,6 +393,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> Trial
     data = build_classifier_data(recipe, session)
     training = build_training(recipe, session, data)
     start = restore(training.state, session, Unit.EPOCH)
+    system = SystemSampler(session.device)
     report = None
     for epoch in range(start, data.periods):
         started = time.perf_counter()
@@ -404,6 +406,7 @@ def train_classifier(recipe: Recipe | dict[str, Any], session: Session) -> Trial
         }
         metrics.update(evaluate_period(training, data, recipe, session, stats.skipped))
         metrics["epoch_s"] = time.perf_counter() - started
+        metrics.update(system.sample())
         report = _period_report(data, stats, epoch, metrics)
         report_period(session, report, training.state, recipe, epoch + 1, Unit.EPOCH)
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
@@ -37,6 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from spaces import DataError, RecipeError
+from trainables.data import DatasetSummary
 
 __all__ = [
     "COCO_STAT_NAMES",
@@ -638,3 +640,16 @@ def evaluate_files(gt_path: str | os.PathLike, dets_path: str | os.PathLike, iou
     """COCO AP of a detections file against a ground truth file, for ``recipe-search coco-eval``."""
     coco, dets = load_coco_pair(gt_path, dets_path, iou_type)
     return coco_evaluate(coco, dets, [iou_type])
+
+
+def summarize_detection_data(name: str, fraction: float, max_images: Optional[int], seed: int) -> DatasetSummary:
+    """The training images a detection recipe selects (``data.fraction``, ``data.max_images``), identified by file."""
+    root = digits_det_root() if name == "digits-det" else Path(name)
+    layout = coco_layout(root)
+    train = CocoDetection(layout.train_json, layout.train_images)
+    ids = train.image_ids
+    if fraction < 1.0 or max_images is not None:
+        ids = subset_image_ids(ids, fraction, max_images, seed)
+    files = [train.coco.imgs[i]["file_name"] for i in ids]
+    digest = hashlib.sha256(json.dumps(files).encode() + layout.train_json.read_bytes()).hexdigest()[:16]
+    return DatasetSummary(name if name == "digits-det" else Path(name).name, str(layout.train_json), digest, len(ids))

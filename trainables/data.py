@@ -6,6 +6,8 @@ real 8x8 images, 10 classes), shipped inside the package: it needs no download.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -30,7 +32,9 @@ __all__ = [
     "MAX_UNREADABLE_FRACTION",
     "Datasets",
     "ReadableImageFolder",
+    "DatasetSummary",
     "build_datasets",
+    "summarize_classification_data",
     "check_image_folder",
     "collate_readable",
     "stratified_subset",
@@ -221,6 +225,38 @@ def dataset_stats(cfg: ClassificationData, seed: int) -> tuple[int, int]:
     except OSError as err:
         raise DataError(f"cannot read {first!r} to size the HyperRule: {err}") from None
     return examples, int(round((width * height) ** 0.5))
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a run trained on, for the tracking store: name, source, a digest of the training samples, their count."""
+
+    name: str
+    source: str
+    digest: str
+    examples: int
+
+
+def _sample_ids(dataset: Dataset) -> list[str]:
+    """Stable identities of a (subset of a) dataset's samples: file paths, or positions in the embedded set."""
+    if isinstance(dataset, Subset):
+        inner = _sample_ids(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, Relabelled):
+        inner = _sample_ids(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, ImageFolder):
+        return [os.path.relpath(path, dataset.root) for path, _ in dataset.samples]
+    return [str(i) for i in range(len(dataset))]
+
+
+def summarize_classification_data(cfg: ClassificationData, seed: int) -> DatasetSummary:
+    """The training split a recipe selects (class split, shots, fraction), identified by its samples and labels."""
+    data = build_datasets(cfg, seed, None, None)
+    ids = _sample_ids(data.train)
+    digest = hashlib.sha256(json.dumps([ids, data.train_targets]).encode()).hexdigest()[:16]
+    source = "sklearn.datasets.load_digits" if cfg.name == "digits" else os.path.abspath(os.path.join(cfg.name, "train"))
+    return DatasetSummary(os.path.basename(cfg.name.rstrip("/")) or cfg.name, source, digest, len(ids))
 
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:

@@ -50,6 +50,7 @@ from trainables.engine import (
 )
 from trainables.report import TrialReport, Unit
 from trainables.session import Session
+from trainables.system import SystemSampler
 
 __all__ = [
     "build_detector",
@@ -286,6 +287,7 @@ def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> TrialRe
     iterations, period = step_schedule(recipe)[0], recipe.schedule.eval_period
     iteration = restore(state, session, Unit.ITERATION)
     state.scheduler.step_update(num_updates=iteration)
+    system = SystemSampler(session.device)
     report = None
     while iteration < iterations:
         end = min(iterations, (iteration // period + 1) * period)
@@ -297,6 +299,7 @@ def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> TrialRe
             "period_s": stats.seconds,
         }
         metrics.update({f"val/{k}": v for k, v in evaluate_detector(model, data.val, recipe, session).items()})
+        metrics.update(system.sample())
         report = TrialReport.period(metrics, iteration, iterations, Unit.ITERATION)
         report_period(session, report, state, recipe, iteration, Unit.ITERATION)
     return report

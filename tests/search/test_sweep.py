@@ -6,6 +6,7 @@ import io
 import json
 import os
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -60,6 +61,40 @@ def _runs(experiment_name):
     return client, parents, children
 
 
+def _check_readable(client, parent, children, records, metric, best_trial):
+    """What a person sees in MLflow: who won, what each trial searched, how it ended, what it cost, its data."""
+    ordinals = sorted(int(c.data.tags["recipe_search.ordinal"]) for c in children)
+    assert ordinals == list(range(1, len(children) + 1))
+    for child in children:
+        tags, metrics = child.data.tags, child.data.metrics
+        record = records[tags["recipe_search.trial_id"]]
+        assert child.info.run_name.startswith(f"t{int(tags['recipe_search.ordinal']):02d} lr=")
+        assert tags["recipe_search.searched"] == "optim.lr"
+        # The outcome tag says what the monitor's state says; a cut trial says where it was cut.
+        assert tags["recipe_search.outcome"] == ("stopped_early" if record["stopped_early"] else "completed")
+        assert ("recipe_search.stopped_at" in tags) == record["stopped_early"]
+        if record["stopped_early"]:
+            assert tags["recipe_search.stopped_at"] == f"epoch {record['progress']['done']} of {record['progress']['total']}"
+        history = [m.value for m in client.get_metric_history(child.info.run_id, metric)]
+        assert metrics[f"best/{metric}"] == max(history)
+        assert metrics["cost/device_s"] > 0 and "system/cpu_percent" in metrics and metrics["system/memory_mb"] > 0
+        (dataset,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert dataset.dataset.name == "digits" and json.loads(dataset.dataset.profile)["num_examples"] == 718
+    # The parent names the winner, linked from its description: the completed trial with the best final value
+    # (the recipe's delivered number; its best epoch is in best/<metric>), here also the best best/<metric>.
+    winner = next(c for c in children if c.data.tags["recipe_search.trial_id"] == best_trial)
+    assert winner.data.metrics[f"best/{metric}"] == max(c.data.metrics[f"best/{metric}"] for c in children)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["recipe_search.best_run_id"] == winner.info.run_id
+    assert parent.data.tags["recipe_search.best_trial"] == winner.data.tags["recipe_search.trial_id"]
+    assert winner.info.run_id in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["mlflow.user"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "best")}
+    assert {"space.yaml", "sweep.json", "best/best_recipe.yaml", "best/checkpoint.pt", "report.html"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/importance.png", "report/pareto.png", "report/curves.png", "report/history.png"} <= figures
+
+
 def _check_sweep(workdir, plan, state, trials):
     records = state["trials"]
     assert len(records) == trials
@@ -72,23 +107,25 @@ def _check_sweep(workdir, plan, state, trials):
     assert order.index(stopped[0]) < len(order) - 1
 
     # Optuna was told the truth: stopped trials are PRUNED, with their per-epoch values.
-    searcher = PruneAwareOptunaSearch()
-    searcher.restore_from_dir(plan.sweep_dir)
-    study_trials = searcher.study.trials
+    # ... and the study is stored where Optuna's own tools (optuna-dashboard) read it.
+    study_trials = optuna.load_study(study_name=plan.name, storage=plan.spec.optuna_storage).trials
+    assert plan.spec.optuna_storage == f"sqlite:///{plan.sweep_dir}/recipe-search/optuna.db"
     assert len(study_trials) == trials
     states = [t.state for t in study_trials]
     assert states.count(TrialState.PRUNED) == len(stopped)
     assert states.count(TrialState.COMPLETE) == trials - len(stopped)
     assert all(t.intermediate_values for t in study_trials if t.state == TrialState.PRUNED)
 
-    # MLflow: one parent, one child per trial with the whole recipe, statuses, contiguous epochs.
+    # MLflow: one parent, one child per trial with the recipe's own keys, outcomes, contiguous epochs.
     client, parents, children = _runs(plan.name)
     assert len(parents) == 1 and len(children) == trials
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert {"space", "searcher", "scheduler", "trials"} <= set(parent.data.params)
-    assert f"best/{state['metric']}" in parent.data.metrics
+    metric = state["metric"]
+    assert f"best/{metric}" in parent.data.metrics
     assert {c.data.tags["recipe_search.trial_id"] for c in children} == set(records)
+    _check_readable(client, parent, children, records, metric, state["best"]["trial_id"])
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["recipe_search.sweep"] == plan.name
@@ -97,7 +134,7 @@ def _check_sweep(workdir, plan, state, trials):
         assert ("optim.momentum" in params) == (params["optim.name"] in ("sgd", "momentum"))
         assert set(params) == set(flatten(validate_recipe(yaml.safe_load(_artifact(client, child.info.run_id, "recipe.yaml"))).model_dump()))
         record = records[child.data.tags["recipe_search.trial_id"]]
-        assert child.info.status == ("KILLED" if record["stopped_early"] else "FINISHED")
+        assert child.info.status == "FINISHED"  # a scheduler's cut is no fault: no red cross beside crashes
         history = client.get_metric_history(child.info.run_id, "val/top1")
         assert sorted(m.step for m in history) == list(range(1, record["progress"]["done"] + 1))
         assert "recipe.yaml" in [a.path for a in client.list_artifacts(child.info.run_id)]
@@ -126,6 +163,46 @@ def test_sweep_in_tune_trials_stops_early_tracks_and_exports_best(ray_session, w
     assert recipe == validate_recipe(best["recipe"])
     assert recipe.optim.lr == 0.1  # the good choice won
     assert (workdir / "runs" / "e2e" / BEST_RECIPE_FILE).exists()
+
+    # The report again on demand, and optuna-dashboard on the stored study, served on 127.0.0.1.
+    os.remove(os.path.join(plan.sweep_dir, "report.html"))
+    result = runner.invoke(app, ["report", "e2e", "--storage", str(workdir / "runs")])
+    assert result.exit_code == 0, result.output
+    page = (workdir / "runs" / "e2e" / "report.html").read_text()
+    for figure in ("importance", "history", "parallel", "curves", "pareto"):
+        assert f'alt="{figure}" src="data:image/png;base64,' in page  # inline: it opens offline
+    assert page.count("<tr><td") >= 4 and "stopped early (epoch 2 of 3)" in page
+    _check_dashboard(plan)
+
+
+def _check_dashboard(plan):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "dashboard", plan.sweep_dir, "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read().decode()
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()
+                time.sleep(0.5)
+        assert body is not None, "optuna-dashboard did not answer"
+        assert '"study_name": "e2e"' in body.replace('":"', '": "')
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_sweep_with_ray_train_workers(ray_session, workdir):
@@ -189,7 +266,7 @@ def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir, w
     statuses = {c.data.tags["recipe_search.trial_id"]: c.info.status for c in children}
     assert statuses == {bad_id: "FAILED", good_id: "FINISHED"}
     bad_run = next(c for c in children if c.data.tags["recipe_search.trial_id"] == bad_id)
-    assert "diverged" in bad_run.data.tags["recipe_search.error"]
+    assert "diverged" in bad_run.data.tags["recipe_search.error"] and bad_run.data.tags["recipe_search.outcome"] == "failed"
 
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
@@ -246,9 +323,10 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     assert all(r["status"] == "TERMINATED" and r["progress"]["done"] == 3 for r in state["trials"].values())
     assert finished_before <= set(state["trials"])
 
-    searcher = PruneAwareOptunaSearch()
-    searcher.restore_from_dir(sweep_dir)
-    assert [t.state.name for t in searcher.study.trials] == ["COMPLETE"] * 3
+    # The stored study is the sweep's: its three trials told COMPLETE, and none left RUNNING by the killed
+    # driver (a trial asked after Tune last saved the searcher, lost with it, is told FAIL on resume).
+    states = [t.state.name for t in optuna.load_study(study_name="killed", storage=spec.optuna_storage).trials]
+    assert states.count("COMPLETE") == 3 and set(states) <= {"COMPLETE", "FAIL"}
 
     from search.layout import RUNS_FILE
 
