@@ -165,12 +165,15 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
     def restore(self, checkpoint_path: str) -> None:
-        """Restore the searcher; trials its stored study still holds as RUNNING but no Tune trial
-        knows (asked after Tune's last save of the searcher, then lost with the driver) become FAIL."""
+        """Restore the searcher. A trial its stored study still holds as RUNNING that no Tune trial
+        knows (asked after Tune's last save of the searcher, then lost with the driver) becomes FAIL,
+        and its point is enqueued again: a grid cell or the space's start point is still evaluated."""
         super().restore(checkpoint_path)
         known = {trial.number for trial in self._ot_trials.values()}
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:
+                if trial.params:
+                    self.study.enqueue_trial(trial.params, skip_if_exists=False)
                 self.study.tell(trial.number, state=TrialState.FAIL)
 
 

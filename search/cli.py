@@ -137,6 +137,9 @@ def sweep(
     seed: int = typer.Option(0, "--seed", help="seed of the searcher"),
     grace_period: int = typer.Option(3, "--grace-period", help="epochs (detection: evaluations) every trial gets before early stopping"),
     log_checkpoint: bool = LogCheckpointOption,
+    optuna_storage: Optional[str] = typer.Option(
+        None, "--optuna-storage", help="RDB URL of the searcher's Optuna study [default: sqlite in runs/NAME/recipe-search/]"
+    ),
 ) -> None:
     """Search a recipe space: Optuna proposes, ASHA stops weak trials early, MLflow records every trial."""
     from search.plan import SweepSpec
@@ -145,7 +148,7 @@ def sweep(
     spec = SweepSpec(
         space=space, name=name, recipe=recipe, overrides=overrides, trials=trials, searcher=searcher,
         scheduler=scheduler, grace_period=grace_period, concurrency=concurrency, storage=storage,
-        tracking_uri=tracking_uri, address=address, seed=seed, log_checkpoint=log_checkpoint,
+        tracking_uri=tracking_uri, address=address, seed=seed, log_checkpoint=log_checkpoint, optuna_storage=optuna_storage,
     )
     _launch(spec)
 

@@ -6,6 +6,8 @@ from typing import Any, Optional
 
 from spaces import SweepError
 
+from trainables.report import Progress
+
 from search.layout import count_states, read_state
 
 __all__ = ["sweep_status", "sweep_best", "trial_rows"]
@@ -53,7 +55,8 @@ def trial_rows(sweep_dir: str) -> list[dict[str, Any]]:
     metric = state["metric"]
     rows = []
     for trial_id, record in state["trials"].items():
-        progress = record.get("progress") or {}
+        known = Progress.of_record(record)
+        progress = known.as_dict() if known else {}
         rows.append(
             {
                 "trial_id": trial_id,

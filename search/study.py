@@ -19,6 +19,8 @@ from typing import Any
 
 from spaces import Param, SweepError, load_space
 
+from trainables.report import Progress
+
 from search.layout import META_DIR, read_run_map
 from search.plan import SweepSpec
 
@@ -66,7 +68,7 @@ def _curves(client, runs: dict[str, Any], state: dict[str, Any], metric: str) ->
                 "init": config.get("model.init"),
                 "multiplier": float(config.get("schedule.multiplier", 1.0)),
                 "fraction": float(config.get("data.fraction", 1.0)),
-                "length": (record.get("progress") or {}).get("total"),
+                "length": progress.total if (progress := Progress.of_record(record)) else None,
                 "history": history,
                 "final": {k: v for k, v in final.items() if k.startswith("val/")},
                 "error": record.get("error"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import math
 import os
 import subprocess
@@ -23,10 +24,12 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import TIME_TOTAL_S
 
-from spaces import Recipe, RecipeSearchError, SweepError, flatten, recipe_to_yaml
+from spaces import Recipe, SweepError, flatten, recipe_to_yaml
 from trainables.report import TrialReport
 
 from search.layout import RUNS_FILE
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -110,8 +113,9 @@ def _dataset_input(recipe: Recipe) -> Optional[DatasetInput]:
 
     try:
         summary = summarize_data(recipe)
-    except RecipeSearchError:
-        return None  # the trial itself reports what is wrong with its data
+    except Exception:  # noqa: BLE001 - the trial reports what is wrong with its data; tracking must not stop the sweep
+        logger.warning("no dataset input for %s", recipe.data.name, exc_info=True)
+        return None
     source_type = "local" if summary.source.startswith("/") else "code"
     dataset = Dataset(summary.name, summary.digest, source_type, summary.source, profile=json.dumps({"num_examples": summary.examples}))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
@@ -181,7 +185,8 @@ class MlflowTracking(Callback):
         self.last_steps: dict[str, int] = {}
         self.best_values: dict[str, float] = {}
         self.experiment_id: Optional[str] = None
-        self.datasets: dict[tuple[str, str, int], Optional[DatasetInput]] = {}  # one summary per distinct data section
+        self.datasets: dict[tuple, Optional[DatasetInput]] = {}  # one summary per distinct selection of samples
+        self.devices: dict[str, float] = {}
 
     # -- run map ---------------------------------------------------------------
     @property
@@ -284,17 +289,24 @@ class MlflowTracking(Callback):
         self._save_map()
         self._log_params(run_id, flatten(recipe.model_dump(mode="json")))  # repr of floats: the searched values exactly
         self._log_text(run_id, "recipe.yaml", recipe_to_yaml(recipe))
-        key = (recipe.task, recipe.data.model_dump_json(), recipe.runtime.seed)
+        data = recipe.data  # what selects the samples, not how they are augmented
+        key = (recipe.task, data.name, data.fraction, getattr(data, "max_images", None), str(getattr(data, "classes", None)),
+               getattr(data, "shots_per_class", None), recipe.runtime.seed)
         if key not in self.datasets:
             self.datasets[key] = _dataset_input(recipe)
         dataset = self.datasets[key]
         if dataset is not None:
-            self.client.log_inputs(run_id, datasets=[dataset])
+            try:
+                self.client.log_inputs(run_id, datasets=[dataset])
+            except Exception:  # noqa: BLE001 - a store without dataset support keeps the run's other records
+                logger.warning("could not log the dataset input of run %s", run_id, exc_info=True)
 
     def _devices(self, trial: Trial) -> float:
         """Workers x GPUs per worker, or x CPUs per worker without GPUs: what a second of the trial costs."""
-        runtime = self.recipe_of(trial.config).runtime
-        return runtime.workers * (runtime.gpus_per_worker or runtime.cpus_per_worker)
+        if trial.trial_id not in self.devices:
+            runtime = self.recipe_of(trial.config).runtime
+            self.devices[trial.trial_id] = runtime.workers * (runtime.gpus_per_worker or runtime.cpus_per_worker)
+        return self.devices[trial.trial_id]
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)

@@ -17,6 +17,11 @@ from pathlib import Path
 
 __all__ = ["optimizer_names", "takes_momentum"]
 
+# timm names this project's training step cannot drive: apex's fused and bitsandbytes' optimizers need
+# CUDA and those packages; AdaHessian needs a backward with create_graph=True.
+_UNSUPPORTED_PREFIXES = ("fused", "bnb")
+_UNSUPPORTED = frozenset({"adahessian"})
+
 
 def _cache_file() -> Path:
     root = os.environ.get("RECIPE_SEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "recipe-search")
@@ -50,8 +55,8 @@ def _registry() -> dict[str, bool]:
 
 
 def optimizer_names() -> tuple[str, ...]:
-    """Every optimizer name timm's ``create_optimizer_v2`` takes (``timm.optim.list_optimizers()``)."""
-    return tuple(sorted(_registry()))
+    """The optimizer names of timm's ``create_optimizer_v2`` (``timm.optim.list_optimizers()``) a recipe may use."""
+    return tuple(sorted(n for n in _registry() if n not in _UNSUPPORTED and not n.startswith(_UNSUPPORTED_PREFIXES)))
 
 
 def takes_momentum(name: str) -> bool:

@@ -163,7 +163,6 @@ class DetectionModel(ModelConfig):
     """A torchvision Mask / Faster R-CNN on a ResNet + FPN."""
 
     name: Literal["mask_rcnn", "faster_rcnn"] = "mask_rcnn"
-    norm: Norm = "gn"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field("resnet50", description="the torchvision ResNet under the FPN")
     fpn_channels: int = Field(256, ge=32, le=1024, description="FPN and head width (GN: a multiple of 32)")
     anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], description="RPN anchor size per FPN level")
@@ -261,8 +260,6 @@ class DetectionData(DataConfig):
     """A COCO root, its seeded subsets and the detector's resizing."""
 
     name: str = Field("digits-det", min_length=1, description="'digits-det' or a COCO root (annotations/instances_train*.json, train*/, val*/)")
-    train_size: int = Field(800, ge=8, le=4096, description="train shorter side")
-    test_size: int = Field(800, ge=8, le=4096, description="test shorter side")
     max_images: Optional[int] = Field(None, ge=1, description="at most this many training images (after fraction)")
     max_size: int = Field(1333, ge=8, le=8192, description="longest image side after resizing")
     scale_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="train shorter side drawn from train_size * [1 - j, 1 + j]")
@@ -573,13 +570,31 @@ CONDITIONS: dict[str, tuple[str, str]] = {
 }
 
 
+def applies(recipe: Recipe, key: str) -> bool:
+    """Whether a conditional key's condition holds in ``recipe`` (any other key applies where it exists)."""
+    section, _, leaf = key.partition(".")
+    if key == "optim.momentum":
+        return optimizer_takes_momentum(recipe.optim.name)
+    if key == "loss.target_threshold":
+        return recipe.loss.name == "bce"
+    if section == "schedule" and key in CONDITIONS:
+        schedule = recipe.schedule
+        if getattr(schedule, "iterations", None) is not None:
+            return leaf in ClassificationSchedule._STEP_FIELDS
+        name = schedule.name
+        return {"decay_rate": SCHEDULES[name].takes_decay_rate, "decay_epochs": name == "step", "decay_milestones": name == "multistep"}.get(
+            leaf, leaf in ClassificationSchedule._EPOCH_FIELDS
+        )
+    return True
+
+
 def check_applies(recipe: Recipe, keys: list[str], recipe_label: str, prefix: str = "") -> None:
     """Fail on a conditional key among ``keys`` that does not apply to ``recipe``, saying what it needs."""
-    present = flatten(recipe.model_dump())
     for key in keys:
-        if key in CONDITIONS and key not in present:
+        if key in CONDITIONS and not applies(recipe, key):
             condition, needs = CONDITIONS[key]
-            raise RecipeError(f"{prefix}{key} does not apply to {recipe_label} ({condition}={present.get(condition)}): it needs {needs}")
+            value = flatten(recipe.model_dump()).get(condition)
+            raise RecipeError(f"{prefix}{key} does not apply to {recipe_label} ({condition}={value}): it needs {needs}")
 
 
 def task_keys(task: str) -> frozenset[str]:

@@ -20,6 +20,7 @@ The define-by-run function needs only the ``suggest_*`` methods of an
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from spaces.errors import RecipeError, SpaceError
 from spaces.recipes import load_recipe
-from spaces.recipe import CONDITIONS, Recipe, apply_overrides, check_keys, check_applies, flatten, known_keys, unflatten, validate_recipe
+from spaces.recipe import CONDITIONS, Recipe, applies, apply_overrides, check_keys, check_applies, flatten, known_keys, unflatten, validate_recipe
 
 __all__ = ["Param", "Space", "SPACES_DIR", "space_names", "load_space", "define_by_run"]
 
@@ -185,9 +186,20 @@ class Space(BaseModel):
     def _searches_condition_of(self, key: str) -> bool:
         return CONDITIONS.get(key, ("",))[0] in self.params
 
+    def _condition(self, key: str, param: Param, recipe: Recipe) -> dict[str, Any]:
+        """Values of the ``when`` keys under which ``key`` applies (the first combination that makes it apply)."""
+        combos = [dict(zip(param.when, values)) for values in itertools.product(*param.when.values())] or [{}]
+        for combo in combos:
+            try:
+                if applies(validate_recipe(apply_overrides(recipe, combo)), key):
+                    return combo
+            except RecipeError:
+                continue
+        return combos[0]
+
     def _check_param(self, key: str, param: Param, recipe: Recipe, base_value: Any) -> None:
         """Every edge value of ``param`` (with its ``when`` condition met) is a valid recipe that uses it."""
-        condition = {cond: allowed[0] for cond, allowed in param.when.items()}
+        condition = self._condition(key, param, recipe)
         try:
             values = param.edge_values(base_value)
         except SpaceError as err:

@@ -62,6 +62,15 @@ class Progress:
     def from_dict(cls, data: Mapping[str, Any]) -> "Progress":
         return cls(int(data["done"]), int(data["total"]), Unit(data["unit"]))
 
+    @classmethod
+    def of_record(cls, record: Mapping[str, Any]) -> Optional["Progress"]:
+        """A trial record's progress; records written before the typed report held epoch/epochs/unit."""
+        if record.get("progress"):
+            return cls.from_dict(record["progress"])
+        if record.get("epochs"):
+            return cls(int(record.get("epoch") or 0), int(record["epochs"]), Unit(record.get("unit", "epoch")))
+        return None
+
 
 # Metric names hold a "/" (val/top1, train/loss, data/skipped), except these.
 PLAIN_METRICS = frozenset({"lr", "images_per_s", "epoch_s", "period_s"})

@@ -19,6 +19,7 @@ class SystemSampler:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.utilization = device.type == "cuda"  # off after the first failure (no NVML, MIG slices, containers)
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # starts the first interval
 
@@ -31,8 +32,9 @@ class SystemSampler:
         if self.device.type == "cuda":
             metrics["system/gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / _MB
             torch.cuda.reset_peak_memory_stats(self.device)
-            try:
-                metrics["system/gpu_utilization_percent"] = float(torch.cuda.utilization(self.device))
-            except (ModuleNotFoundError, RuntimeError):  # no NVML on this machine
-                pass
+            if self.utilization:
+                try:
+                    metrics["system/gpu_utilization_percent"] = float(torch.cuda.utilization(self.device))
+                except Exception:  # noqa: BLE001 - NVML raises its own errors; monitoring must never fail a trial
+                    self.utilization = False
         return metrics

@@ -193,3 +193,38 @@ def test_grid_searcher_visits_every_point_once_and_never_stops_the_study():
         searcher.on_trial_complete(str(i), TrialReport.period({"val/bbox_AP": 0.1 * i}, 1, 1, Unit.ITERATION).to_result())  # the last one used to raise
     assert sorted(seen) == [("pretrained", 1), ("pretrained", 2), ("scratch", 1), ("scratch", 2)]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in searcher.study.trials)
+
+
+def test_a_grid_restored_after_a_lost_driver_still_visits_every_point(tmp_path):
+    """A point asked after Tune last saved the searcher, then lost with the driver, is asked again on resume."""
+    import optuna
+
+    from search.algorithms import build_searcher
+    from trainables.report import TrialReport, Unit
+    from spaces import load_space, resolve_recipe
+    from spaces.recipe import flatten
+
+    space = load_space("rethinking")
+    base = flatten(resolve_recipe(space.recipe, {"model.pretrained": "/ckpt"}).model_dump())
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def searcher():
+        return build_searcher("grid", define_by_run(space, base), "val/bbox_AP", "max", seed=0, trials=4, storage=storage, study_name="s")
+
+    def done(s, trial_id):
+        s.on_trial_complete(trial_id, TrialReport.period({"val/bbox_AP": 0.1}, 1, 1, Unit.ITERATION).to_result())
+
+    first = searcher()
+    seen = [first.suggest("0")]
+    done(first, "0")
+    first.save(str(tmp_path / "searcher.pkl"))  # Tune's last save of the searcher
+    lost = first.suggest("1")  # asked, then the driver dies
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    for trial_id in ("2", "3", "4"):
+        seen.append(resumed.suggest(trial_id))
+        done(resumed, trial_id)
+    assert lost in seen[1:]  # the lost point comes back
+    assert sorted((c["model.init"], c["schedule.multiplier"]) for c in seen) == [("pretrained", 1), ("pretrained", 2), ("scratch", 1), ("scratch", 2)]
+    states = sorted(t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials)
+    assert states == ["COMPLETE"] * 4 + ["FAIL"]  # the lost trial is FAIL, not RUNNING forever

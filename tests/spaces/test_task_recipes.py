@@ -21,6 +21,7 @@ from spaces import (
     resolve_recipe,
     task_keys,
 )
+from spaces.recipe import check_applies
 
 LEGACY = Path(__file__).parent / "legacy"  # recipes as the previous version wrote them: every task's keys
 DETECTION_ONLY = task_keys("detection") - task_keys("classification")
@@ -139,3 +140,36 @@ def test_timms_optimizer_registry_is_asked_once_per_version_then_read_without_im
     registry = json.loads(cached.read_text())
     assert set(registry) == set(timm.optim.list_optimizers())
     assert all(registry[name] == timm.optim.get_optimizer_info(name).has_momentum for name in registry)
+
+
+def test_setting_an_applying_key_to_null_is_no_misuse():
+    recipe = resolve_recipe("rsb-digits", {"loss.target_threshold": None})
+    check_applies(recipe, ["loss.target_threshold"], "recipe rsb-digits")
+    check_applies(resolve_recipe("bit-digits", {"schedule.steps": None}), ["schedule.steps"], "recipe bit-digits")
+    choice = {"loss.target_threshold": {"choice": [None, 0.2]}}
+    parse_space({"name": "s", "recipe": "rsb-digits", "params": choice}, "test").check()
+    # A when: list is met by any of its values (sgd here), not only the first.
+    when = {"optim.momentum": {"uniform": [0.8, 0.99], "when": {"optim.name": ["lamb", "sgd"]}}}
+    parse_space({"name": "s", "recipe": "digits-smoke", "params": when}, "test").check()
+
+
+def test_timm_optimizers_the_training_step_cannot_drive_are_refused():
+    for name in ("fusedsgd", "bnbadamw", "adahessian"):
+        with pytest.raises(RecipeError, match=f"unknown optimizer '{name}'"):
+            resolve_recipe("rsb-digits", {"optim.name": name})
+
+
+def test_a_partial_old_detection_file_keeps_its_old_defaults(tmp_path):
+    path = tmp_path / "det.yaml"
+    old = {"task": "detection", "model.backbone": "resnet18", "data.name": "digits-det", "schedule.iterations": 100, "schedule.eval_period": 50, "optim.name": "sgd"}
+    path.write_text(yaml.safe_dump(old))
+    recipe = resolve_recipe(str(path))  # the previous schema's defaults: BN, 224 px, 1333 max
+    assert (recipe.model.norm, recipe.data.train_size, recipe.data.test_size, recipe.data.max_size) == ("bn", 224, 224, 1333)
+
+
+def test_trial_records_written_before_the_typed_report_still_read():
+    from trainables.report import Progress, Unit
+
+    assert Progress.of_record({"epoch": 3, "epochs": 20, "unit": "epoch"}) == Progress(3, 20, Unit.EPOCH)
+    assert Progress.of_record({"progress": {"done": 4, "total": 6, "unit": "iteration"}}) == Progress(4, 6, Unit.ITERATION)
+    assert Progress.of_record({"status": "PENDING"}) is None
