@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from spaces import resolve_recipe  # noqa: E402
 from trainables import LocalSession, train_classifier  # noqa: E402
-from trainables.classification import build_model, build_transforms, seed_everything  # noqa: E402
+from trainables.classification import build_model, build_transforms  # noqa: E402
+from trainables.engine import seed_everything  # noqa: E402
 from trainables.data import build_datasets  # noqa: E402
 
 OVERRIDES = {
