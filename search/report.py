@@ -27,7 +27,6 @@ from search.tracking import TAG_ORDINAL, TAG_OUTCOME, TAG_STOPPED_AT
 __all__ = ["REPORT_FILE", "TrialRow", "write_report"]
 
 REPORT_FILE = "report.html"
-FIGURES = ("importance", "history", "parallel", "curves", "pareto")
 _COLORS = {"completed": "tab:blue", "stopped_early": "tab:orange", "failed": "tab:red", "interrupted": "tab:gray", "running": "tab:green"}
 
 

@@ -48,7 +48,6 @@ __all__ = [
     "detection_schedule",
     "step_schedule",
     "init_checkpoint",
-    "optimizer_takes_momentum",
     "flatten",
     "unflatten",
     "parse_value",
@@ -88,11 +87,6 @@ SCHEDULES: dict[str, ScheduleSpec] = {
 
 UNKNOWN_NAME = "unknown {what} {name!r}; available: {available}"
 OTHER_TASK_KEY = "{key} is a {owner} key; {recipe} is {task}"
-
-
-def optimizer_takes_momentum(name: str) -> bool:
-    """Whether timm's optimizer ``name`` takes a momentum argument (``timm.optim.get_optimizer_info``)."""
-    return takes_momentum(name)
 
 
 def _check_optimizer(name: str) -> str:
@@ -293,7 +287,7 @@ class OptimConfig(_Section):
         name = data.get("name", "lamb")
         if name not in optimizer_names():
             return data  # the name's own check says what is wrong
-        if optimizer_takes_momentum(name):
+        if takes_momentum(name):
             return _defaults(data, {"momentum": 0.9})
         return _not_applying(data, ("momentum",))
 
@@ -574,7 +568,7 @@ def applies(recipe: Recipe, key: str) -> bool:
     """Whether a conditional key's condition holds in ``recipe`` (any other key applies where it exists)."""
     section, _, leaf = key.partition(".")
     if key == "optim.momentum":
-        return optimizer_takes_momentum(recipe.optim.name)
+        return takes_momentum(recipe.optim.name)
     if key == "loss.target_threshold":
         return recipe.loss.name == "bce"
     if section == "schedule" and key in CONDITIONS:

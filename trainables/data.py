@@ -239,10 +239,7 @@ class DatasetSummary:
 
 def _sample_ids(dataset: Dataset) -> list[str]:
     """Stable identities of a (subset of a) dataset's samples: file paths, or positions in the embedded set."""
-    if isinstance(dataset, Subset):
-        inner = _sample_ids(dataset.dataset)
-        return [inner[i] for i in dataset.indices]
-    if isinstance(dataset, Relabelled):
+    if isinstance(dataset, (Subset, Relabelled)):  # both select .indices of an inner .dataset
         inner = _sample_ids(dataset.dataset)
         return [inner[i] for i in dataset.indices]
     if isinstance(dataset, ImageFolder):
