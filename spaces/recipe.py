@@ -400,10 +400,23 @@ class ClassificationSchedule(StepSchedule):
 class RegConfig(_Section):
     """Regularization: mixup/cutmix/label smoothing (timm ``Mixup``) and EMA."""
 
+    conditional: ClassVar[frozenset[str]] = frozenset({"ema_warmup"})
+
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0, description="EMA of weights, null = off")
+    ema_warmup: Optional[bool] = Field(
+        None, description="EMA only: timm's EMA warmup (decay 1-(1+step)^-2/3 up to ema_decay), so early EMA weights "
+        "do not lag on their random init [default: true]",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ema_warmup_applies(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("ema_decay") is None:
+            return _not_applying(data, ("ema_warmup",))
+        return _defaults(data, {"ema_warmup": True}) if isinstance(data, dict) else data
 
 
 class LossConfig(_Section):
@@ -475,6 +488,17 @@ class ClassificationRecipe(_RecipeBase):
     schedule: ClassificationSchedule = Field(default_factory=ClassificationSchedule)
     reg: RegConfig = Field(default_factory=RegConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_validator(mode="after")
+    def _repeats_need_workers(self) -> "ClassificationRecipe":
+        # timm's loader refuses RepeatAugSampler outside distributed training: on one worker the
+        # repeats of an image land in one batch, and an epoch draws 1/R of the distinct images.
+        if self.data.repeated_aug and self.runtime.workers < 2:
+            raise ValueError(
+                f"data.repeated_aug={self.data.repeated_aug} needs runtime.workers >= 2 (repeats go to different workers); "
+                "on one worker use data.repeated_aug=0"
+            )
+        return self
 
 
 class DetectionRecipe(_RecipeBase):
@@ -556,6 +580,7 @@ _ALL_KEYS = frozenset().union(*_TASK_KEYS.values())
 CONDITIONS: dict[str, tuple[str, str]] = {
     "optim.momentum": ("optim.name", "an optimizer with momentum (timm: sgd, momentum, lars, rmsproptf, ...)"),
     "loss.target_threshold": ("loss.name", "loss.name=bce"),
+    "reg.ema_warmup": ("reg.ema_decay", "EMA (reg.ema_decay set)"),
     "schedule.decay_rate": ("schedule.name", "schedule.name step, multistep or poly"),
     "schedule.decay_epochs": ("schedule.name", "schedule.name=step"),
     "schedule.decay_milestones": ("schedule.name", "schedule.name=multistep"),
@@ -571,6 +596,8 @@ def applies(recipe: Recipe, key: str) -> bool:
         return takes_momentum(recipe.optim.name)
     if key == "loss.target_threshold":
         return recipe.loss.name == "bce"
+    if key == "reg.ema_warmup":
+        return recipe.reg.ema_decay is not None
     if section == "schedule" and key in CONDITIONS:
         schedule = recipe.schedule
         if getattr(schedule, "iterations", None) is not None:

@@ -228,11 +228,21 @@ class ClassifierData:
     total_updates: Optional[int]  # a step schedule's length, None for an epoch schedule
 
 
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's RepeatAugSampler, shuffled by ``seed + epoch`` like torch's DistributedSampler (timm's uses the epoch alone)."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, num_repeats: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, num_repeats=num_repeats)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed + epoch)
+
+
 def _train_sampler(recipe: Recipe, dataset, session: Session, seed: int):
-    if recipe.data.repeated_aug:
-        return RepeatAugSampler(
-            dataset, num_replicas=session.world_size, rank=session.rank, num_repeats=recipe.data.repeated_aug
-        )
+    if recipe.data.repeated_aug:  # several workers: the recipe refuses repeats on one
+        return SeededRepeatAugSampler(dataset, session.world_size, session.rank, recipe.data.repeated_aug, seed)
     if session.world_size > 1:
         return DistributedSampler(dataset, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=seed)
     return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
@@ -290,7 +300,7 @@ def build_training(recipe: Recipe, session: Session, data: ClassifierData) -> Tr
     if recipe.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = session.prepare_model(model)
-    ema = ModelEmaV3(unwrap(model), decay=recipe.reg.ema_decay) if recipe.reg.ema_decay else None
+    ema = ModelEmaV3(unwrap(model), decay=recipe.reg.ema_decay, use_warmup=recipe.reg.ema_warmup) if recipe.reg.ema_decay else None
     optimizer = build_optimizer(recipe, model)
     if data.total_updates is not None:
         scheduler = build_step_scheduler(recipe, optimizer)

@@ -154,13 +154,18 @@ def _set_rng_state(state: dict[str, Any], sampler: Any) -> None:
 
 
 def save_checkpoint(state: TrainState, recipe: Recipe, position: int, unit: Unit, directory: str) -> None:
-    """Model, optimizer, scheduler, EMA, the loop's position (``epoch`` or ``iteration``), recipe and RNG streams."""
+    """Model, optimizer, scheduler, EMA, the loop's position (``epoch`` or ``iteration``), recipe and RNG streams.
+
+    ``delivers`` names the weights the trial's metrics (``val/*``) were measured on: ``ema`` when
+    the recipe keeps an EMA (``model`` holds the raw weights then), else ``model``.
+    """
     torch.save(
         {
             "model": unwrap(state.model).state_dict(),
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
             "ema": state.ema.state_dict() if state.ema is not None else None,
+            "delivers": "ema" if state.ema is not None else "model",
             unit.value: position,
             "recipe": recipe.model_dump(mode="json"),
             "rng": _rng_state(state.sampler),

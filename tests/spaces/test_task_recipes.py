@@ -173,3 +173,16 @@ def test_trial_records_written_before_the_typed_report_still_read():
     assert Progress.of_record({"epoch": 3, "epochs": 20, "unit": "epoch"}) == Progress(3, 20, Unit.EPOCH)
     assert Progress.of_record({"progress": {"done": 4, "total": 6, "unit": "iteration"}}) == Progress(4, 6, Unit.ITERATION)
     assert Progress.of_record({"status": "PENDING"}) is None
+
+
+def test_ema_warmup_is_an_ema_key():
+    from spaces import flatten
+
+    plain = flatten(resolve_recipe("rsb-digits").model_dump())
+    assert "reg.ema_warmup" not in plain  # no EMA: the key does not apply and leaves the dump
+    ema = resolve_recipe("rsb-digits", {"reg.ema_decay": 0.99})
+    assert ema.reg.ema_warmup is True  # timm's EMA warmup by default
+    assert resolve_recipe("rsb-digits", {"reg.ema_decay": 0.99, "reg.ema_warmup": False}).reg.ema_warmup is False
+    space = parse_space({"name": "s", "recipe": "rsb-digits", "params": {"reg.ema_warmup": {"choice": [True, False]}}}, "test")
+    with pytest.raises(SpaceError, match=r"params.reg.ema_warmup does not apply to recipe rsb-digits \(reg.ema_decay=None\): it needs EMA"):
+        space.check()
