@@ -42,6 +42,7 @@ SPEC_FILE = f"{META_DIR}/sweep.json"  # how the sweep was launched
 STATE_FILE = f"{META_DIR}/state.json"  # trial states, last metrics, the best trial
 RUNS_FILE = f"{META_DIR}/mlflow_runs.json"  # trial -> MLflow run
 OPTUNA_FILE = f"{META_DIR}/optuna.db"  # the searcher's Optuna study (unless --optuna-storage names another)
+SCHEDULER_FILE = f"{META_DIR}/asha.pkl"  # ASHA's rungs, which Tune does not restore on resume
 BEST_RECIPE_FILE = "best_recipe.yaml"
 LOG_FILE = "ray.log"
 RUN_PREFIX = "run:"

@@ -165,7 +165,9 @@ class SweepMonitor(Callback):
         if isinstance(value, (int, float)) and math.isfinite(value):
             line += f": {self.metric}={value:.4f}" + (" (base recipe)" if is_baseline else "")
             best = self.state["best"]
-            if better(value, best["value"] if best else None, self.mode):
+            # Only a trial that ran its whole schedule can win: a score at the scheduler's cut is
+            # a short-budget number, not comparable with the delivered ones.
+            if complete and better(value, best["value"] if best else None, self.mode):
                 self._set_best(trial.trial_id, record, value)
                 line += " (best so far)"
         self._save()
@@ -196,7 +198,7 @@ class SweepMonitor(Callback):
             self.state["best"] = None
             for trial_id, record in self.state["trials"].items():
                 value = (record.get("metrics") or {}).get(self.metric)
-                if record["status"] == "TERMINATED" and isinstance(value, (int, float)) and math.isfinite(value):
+                if record["status"] == "TERMINATED" and not record.get("stopped_early") and isinstance(value, (int, float)) and math.isfinite(value):
                     if better(value, self.state["best"]["value"] if self.state["best"] else None, self.mode):
                         self._set_best(trial_id, record, value)
         self._save()
@@ -212,9 +214,11 @@ class SweepMonitor(Callback):
         self._print(f"trial {self._ordinal(trial)} {trial.trial_id} failed: {error}")
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        # Tune also ends the experiment when the driver is interrupted: finished only if every trial is.
-        done = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
-        self.state["finished"] = len(done) >= self.state["num_samples"]
+        # Tune also ends the experiment when the driver is interrupted, and a Ctrl-C marks the trials it
+        # stops TERMINATED without completing them: finished only if every trial completed or failed here.
+        records = self.state["trials"].values()
+        done = [r for r in records if r["status"] in ("TERMINATED", "ERROR")]
+        self.state["finished"] = len(done) == len(records) >= self.state["num_samples"]
         self.state["fit_s"] = self.state.get("fit_s", 0.0) + time.time() - self.started
         self._save()
 

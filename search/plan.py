@@ -22,6 +22,7 @@ from spaces import DataError, Recipe, Space, SweepError, check_keys, load_space
 from spaces.hyperrule import hyperrule, hyperrule_keys
 from spaces.recipe import PRETRAINED
 from spaces.space import DEFAULT_METRICS
+from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
 from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, resolve_run
@@ -85,6 +86,8 @@ class SweepPlan:
     recipe: Recipe  # the base recipe with overrides: resources, data, epochs
     max_epochs: int
     tracking_uri: str
+    grace_period: int = 1  # the scheduler's: the requested one, raised past the longest warmup (fair_grace)
+    grace_note: str = ""  # why it is not the requested one
 
 
 def _check_storage(root: Path) -> None:
@@ -128,15 +131,38 @@ def _check_no_local_ray() -> None:
 
 def _max_epochs(space: Space, recipe: Recipe) -> int:
     """The most Tune iterations a trial can report: epochs, or evaluations of a detection schedule."""
-    def widest(key: str, value: float) -> float:
-        param = space.params.get(key)
-        return max(param.edge_values()) if param is not None else value
-
     if recipe.schedule.iterations is not None:  # a step schedule: one Tune iteration per evaluation
         schedule = recipe.schedule
-        iterations = widest("schedule.iterations", schedule.iterations) * widest("schedule.multiplier", schedule.multiplier)
+        iterations = _widest(space, "schedule.iterations", schedule.iterations) * _widest(space, "schedule.multiplier", schedule.multiplier)
         return math.ceil(round(iterations) / schedule.eval_period)
-    return int(widest("schedule.epochs", recipe.schedule.epochs))
+    return int(_widest(space, "schedule.epochs", recipe.schedule.epochs))
+
+
+def _widest(space: Space, key: str, value: Any) -> Any:
+    """The largest value ``key`` takes in the space (its base value when not searched)."""
+    param = space.params.get(key)
+    return max(param.edge_values(value)) if param is not None else value
+
+
+def fair_grace(space: Space, recipe: Recipe, requested: int, max_t: int) -> tuple[int, str]:
+    """The scheduler's grace period: at least one report after the longest warmup the space can
+    sample, so that no trial is judged during (or at the very end of) its warmup against trials
+    that trained at full LR; and at most ``max_t``. With why, when it is not the requested one."""
+    schedule = recipe.schedule
+    if schedule.iterations is not None:  # reports every eval_period updates
+        warmup = _widest(space, "schedule.warmup_iters", schedule.warmup_iters or 0)
+        unit, least = Unit.ITERATION, warmup // schedule.eval_period + 1
+    else:
+        warmup = _widest(space, "schedule.warmup_epochs", schedule.warmup_epochs)
+        unit, least = Unit.EPOCH, int(warmup) + 1
+    if requested >= least:
+        grace, why = requested, ""
+    else:
+        grace = least
+        why = f"raised from {requested}: the space samples warmups up to {warmup} {unit.value}s, and a trial is judged only after a report at full LR"
+    if grace >= max_t:
+        return max_t, (why + "; " if why else "") + f"no trial can be cut before its last report ({max_t}): no early stopping"
+    return grace, why
 
 
 def _hyperrule_keys(recipe: Recipe) -> dict[str, Any]:
@@ -300,9 +326,12 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     name, storage_root = _sweep_dir(spec, space, resume)
     spec = replace(spec, optuna_storage=_optuna_storage(spec, storage_root / name, name, resume))
     tracking_uri = _check_services(spec)
+    max_epochs = _max_epochs(space, recipe)
+    grace, note = fair_grace(space, recipe, spec.grace_period, max_epochs)
     return SweepPlan(
         spec=spec, space=space, name=name, sweep_dir=str(storage_root / name), storage_root=str(storage_root),
-        base=base, overrides=overrides, recipe=recipe, max_epochs=_max_epochs(space, recipe), tracking_uri=tracking_uri,
+        base=base, overrides=overrides, recipe=recipe, max_epochs=max_epochs, tracking_uri=tracking_uri,
+        grace_period=grace, grace_note=note,
     )
 
 

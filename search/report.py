@@ -94,7 +94,8 @@ def _optuna_figures(study) -> dict[str, bytes]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        figures["history"] = _png(optuna_plots.plot_optimization_history(study).figure)
+        if complete:
+            figures["history"] = _png(optuna_plots.plot_optimization_history(study).figure)
         if len(complete) >= 2 and any(t.params for t in complete):
             importance = optuna.importance.get_param_importances(study)
             figures["importance"] = _png(optuna_plots.plot_param_importances(study).figure)
@@ -215,10 +216,10 @@ def _table(rows: list[TrialRow], state: dict[str, Any]) -> str:
 def _winner(state: dict[str, Any], rows: list[TrialRow]) -> str:
     best = state.get("best")
     if not best:
-        return "<p>No trial has finished with a result yet.</p>"
+        return "<p>No trial has run its whole schedule yet: the winner is chosen among those that have.</p>"
     row = next((r for r in rows if r.trial_id == best["trial_id"]), None)
     name = html.escape(row.name if row else best["trial_id"])
-    text = f'<div class="winner"><b>{name}</b>: {html.escape(best["metric"])} = {best["value"]:.4f}'
+    text = f'<div class="winner"><b>{name}</b> (trial {html.escape(best["trial_id"])}): {html.escape(best["metric"])} = {best["value"]:.4f}'
     baseline = state.get("baseline")
     if baseline and baseline.get("value") is not None:
         sign = 1 if best.get("mode", "max") == "max" else -1

@@ -126,11 +126,9 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
             spec.searcher, define_by_run(plan.space, resolved), plan.space.metric, plan.space.mode, spec.seed, spec.trials,
             points_to_evaluate=points, storage=spec.optuna_storage, study_name=plan.name,
         )
-    tune_config = tune.TuneConfig(
-        metric=plan.space.metric,
-        mode=plan.space.mode,
+    tune_config = tune.TuneConfig(  # the searcher and the scheduler hold the objective (metric, mode)
         search_alg=searcher,
-        scheduler=build_scheduler(spec.scheduler, plan.max_epochs, spec.grace_period),
+        scheduler=build_scheduler(spec.scheduler, plan.max_epochs, plan.grace_period, plan.space.metric, plan.space.mode),
         num_samples=spec.trials,
         max_concurrent_trials=_fit_concurrency(plan),
         # Reusing a trial's actor saves its start-up (torch import) when the loop runs in it;
@@ -228,7 +226,11 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
     tracker, monitor = _callbacks(plan, out, resume)
     verb = "resuming" if resume else "sweep"
     print(f"{verb} {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)
-    print(f"  directory {plan.sweep_dir} (Ray logs: {os.path.join(plan.sweep_dir, LOG_FILE)})", file=out, flush=True)
+    print(f"  directory {plan.sweep_dir} (Ray logs: {os.path.join(plan.sweep_dir, LOG_FILE)})", file=out)
+    if plan.spec.scheduler in ("asha", "median"):
+        unit = "evaluation" if plan.recipe.schedule.iterations is not None else "epoch"
+        print(f"  early stopping: {plan.spec.scheduler}, no cut before {unit} {plan.grace_period}" + (f" ({plan.grace_note})" if plan.grace_note else ""), file=out)
+    out.flush()
     tuner = build_tuner(plan, [tracker, monitor], restore=resume)
     if resume:
         # Tune restores the run config it pickled; this driver's callbacks replace its stale copies.

@@ -174,7 +174,7 @@ def test_coco_eval_malformed_files_fail_in_one_line(workdir, coco_files):
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (args, result.stderr)
 
 
-def test_grid_searcher_visits_every_point_once_and_never_stops_the_study():
+def test_grid_searcher_visits_every_point_once_and_never_stops_the_study(tmp_path):
     import optuna
 
     from search.algorithms import PruneAwareOptunaSearch, build_searcher
@@ -184,7 +184,8 @@ def test_grid_searcher_visits_every_point_once_and_never_stops_the_study():
 
     space = load_space("rethinking")
     base = flatten(resolve_recipe(space.recipe, {"model.pretrained": "/ckpt"}).model_dump())
-    searcher = build_searcher("grid", define_by_run(space, base), "val/bbox_AP", "max", seed=0, trials=4)
+    searcher = build_searcher("grid", define_by_run(space, base), "val/bbox_AP", "max", seed=0, trials=4,
+                              storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
     assert isinstance(searcher, PruneAwareOptunaSearch)
     seen = []
     for i in range(4):
@@ -228,3 +229,37 @@ def test_a_grid_restored_after_a_lost_driver_still_visits_every_point(tmp_path):
     assert sorted((c["model.init"], c["schedule.multiplier"]) for c in seen) == [("pretrained", 1), ("pretrained", 2), ("scratch", 1), ("scratch", 2)]
     states = sorted(t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials)
     assert states == ["COMPLETE"] * 4 + ["FAIL"]  # the lost trial is FAIL, not RUNNING forever
+
+
+def test_the_searcher_tells_optuna_what_happened_to_each_trial(tmp_path):
+    """A trial cut by the scheduler is PRUNED at the value it was cut at, a failure FAIL, a full run COMPLETE."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.algorithms import build_searcher
+    from trainables.report import TrialReport, Unit
+    from spaces import load_space, resolve_recipe
+    from spaces.recipe import flatten
+
+    space = load_space("rsb")
+    base = flatten(resolve_recipe(space.recipe, {}).model_dump())
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = build_searcher("tpe", define_by_run(space, base), "val/top1", "max", seed=0, trials=4, storage=storage, study_name="s")
+
+    def result(epoch: int, value: float, total: int = 5) -> dict:
+        return {**TrialReport.period({"val/top1": value}, epoch, total, Unit.EPOCH).to_result(), "training_iteration": epoch}
+
+    for trial_id in "abc":
+        assert "__optuna_trial_number__" not in searcher.suggest(trial_id)
+    for epoch in (1, 2):
+        searcher.on_trial_result("a", result(epoch, 0.1 * epoch))
+    searcher.on_trial_complete("a", result(3, 0.35))  # the scheduler stops it with its third result
+    for epoch in range(1, 6):
+        searcher.on_trial_result("b", result(epoch, 0.1 * epoch))
+    searcher.on_trial_complete("b", result(5, 0.5))
+    searcher.on_trial_complete("c", TrialReport.failure("val/top1", ValueError("diverged")).to_result())
+    searcher.on_trial_complete("a", result(3, 0.35))  # told twice: the first verdict stands
+    a, b, c = optuna.load_study(study_name="s", storage=storage).trials
+    assert (a.state, a.value, a.intermediate_values) == (TrialState.PRUNED, 0.35, {1: 0.1, 2: 0.2, 3: 0.35})
+    assert (b.state, b.value) == (TrialState.COMPLETE, 0.5)
+    assert c.state == TrialState.FAIL
