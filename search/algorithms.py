@@ -212,6 +212,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id not in self.numbers or trial_id in self.told:
             return  # never asked by this searcher, or told already
+        if result is None and not error:  # stopped while paused or pending (HyperBand): its values are reported
+            return self._tell(trial_id, None, error=False)  # PRUNED
         report = TrialReport.from_result(result)
         value = report.metrics.get(self.metric) if report else None
         if error or report is None or report.failed or value is None or not math.isfinite(value):

@@ -43,6 +43,9 @@ STATE_FILE = f"{META_DIR}/state.json"  # trial states, last metrics, the best tr
 RUNS_FILE = f"{META_DIR}/mlflow_runs.json"  # trial -> MLflow run
 OPTUNA_FILE = f"{META_DIR}/optuna.db"  # the searcher's Optuna study (unless --optuna-storage names another)
 SCHEDULER_FILE = f"{META_DIR}/asha.pkl"  # ASHA's rungs, which Tune does not restore on resume
+# What sweep.json's "format" says: the layout of what Tune pickles for resume (the searcher's
+# state). A sweep written with an older format is read by status/best/report, not resumed.
+SWEEP_FORMAT = 2
 BEST_RECIPE_FILE = "best_recipe.yaml"
 LOG_FILE = "ray.log"
 RUN_PREFIX = "run:"

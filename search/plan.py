@@ -25,7 +25,7 @@ from spaces.space import DEFAULT_METRICS
 from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
-from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, resolve_run
+from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, resolve_run
 from search.tracking import check_tracking_uri, resolve_tracking_uri
 from search.trial import LAUNCHERS
 
@@ -139,9 +139,11 @@ def _max_epochs(space: Space, recipe: Recipe) -> int:
 
 
 def _widest(space: Space, key: str, value: Any) -> Any:
-    """The largest value ``key`` takes in the space (its base value when not searched)."""
+    """The largest value ``key`` takes in the space (its base value when not searched; a null choice counts as it)."""
     param = space.params.get(key)
-    return max(param.edge_values(value)) if param is not None else value
+    if param is None:
+        return value
+    return max(value if v is None else v for v in param.edge_values(value))
 
 
 def fair_grace(space: Space, recipe: Recipe, requested: int, max_t: int) -> tuple[int, str]:
@@ -151,6 +153,8 @@ def fair_grace(space: Space, recipe: Recipe, requested: int, max_t: int) -> tupl
     schedule = recipe.schedule
     if schedule.iterations is not None:  # reports every eval_period updates
         warmup = _widest(space, "schedule.warmup_iters", schedule.warmup_iters or 0)
+        if recipe.task == "classification":  # the HyperRule's multiplier stretches warmup too (step_schedule)
+            warmup = round(warmup * _widest(space, "schedule.multiplier", schedule.multiplier or 1.0))
         unit, least = Unit.ITERATION, warmup // schedule.eval_period + 1
     else:
         warmup = _widest(space, "schedule.warmup_epochs", schedule.warmup_epochs)
@@ -310,6 +314,7 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     spec, space = _space_of(spec)
     base = space.base_recipe()
     recipe = space.check(spec.overrides)
+    _check_repeats(space, recipe)
     if space.metric is None:
         space = space.model_copy(update={"metric": DEFAULT_METRICS[recipe.task]})
     data_root = _checked_data(recipe)
@@ -324,6 +329,8 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         recipe.data.name = overrides["data.name"] = data_root
     overrides.update(_checked_checkpoints(space, recipe, spec.storage))
     name, storage_root = _sweep_dir(spec, space, resume)
+    if resume:
+        _check_resumable(storage_root / name)
     spec = replace(spec, optuna_storage=_optuna_storage(spec, storage_root / name, name, resume))
     tracking_uri = _check_services(spec)
     max_epochs = _max_epochs(space, recipe)
@@ -335,11 +342,35 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     )
 
 
+def _check_resumable(sweep_dir: Path) -> None:
+    try:
+        written = json.loads((sweep_dir / SPEC_FILE).read_text()).get("format", 1)
+    except (OSError, ValueError, AttributeError):
+        return  # load_sweep_spec says what is wrong with the file
+    if written != SWEEP_FORMAT:
+        raise SweepError(
+            f"sweep {str(sweep_dir)!r} was written by another version of recipe-search (sweep format {written}, this one "
+            f"reads {SWEEP_FORMAT}): status, best and report read it, but resume it with the version that started it"
+        )
+
+
+def _check_repeats(space: Space, recipe: Recipe) -> None:
+    """Repeated augmentation needs several workers (timm refuses it on one): checked at launch, so
+    that recipes stored by sweeps that ran it on one worker still load."""
+    if recipe.task != "classification":
+        return
+    repeats = _widest(space, "data.repeated_aug", recipe.data.repeated_aug)
+    workers = min(space.params["runtime.workers"].edge_values(recipe.runtime.workers)) if "runtime.workers" in space.params else recipe.runtime.workers
+    if repeats and workers < 2:
+        raise SweepError(f"data.repeated_aug={repeats} needs runtime.workers >= 2 (an image's repeats go to different workers), but a trial may run {workers}: use data.repeated_aug=0")
+
+
 def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> SweepSpec:
     """The spec a sweep was launched with, to resume it (``tracking_uri`` overrides the saved one)."""
     try:
         with open(os.path.join(sweep_dir, SPEC_FILE)) as f:
             data = json.load(f)
+        data.pop("format", None)  # checked by plan_sweep(resume=True)
         data["storage"] = os.path.dirname(os.path.abspath(sweep_dir))
         data["name"] = os.path.basename(os.path.abspath(sweep_dir))
         if tracking_uri:

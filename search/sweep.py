@@ -20,7 +20,7 @@ from spaces import Recipe, SweepError, define_by_run, flatten, recipe_to_yaml, r
 from trainables.report import CHECKPOINT_FILE
 
 from search.algorithms import build_scheduler, build_searcher
-from search.layout import BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, read_state, trial_checkpoint
+from search.layout import BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, SWEEP_FORMAT, read_state, trial_checkpoint
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
 from search.report import write_report
@@ -220,7 +220,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
     os.makedirs(os.path.join(plan.sweep_dir, META_DIR), exist_ok=True)
     if not resume:
         with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
-            json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri}, f, indent=1)
+            json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT}, f, indent=1)
     _route_ray_logs(plan.sweep_dir)
     init_ray(plan.spec.address)
     tracker, monitor = _callbacks(plan, out, resume)

@@ -489,17 +489,6 @@ class ClassificationRecipe(_RecipeBase):
     reg: RegConfig = Field(default_factory=RegConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
 
-    @model_validator(mode="after")
-    def _repeats_need_workers(self) -> "ClassificationRecipe":
-        # timm's loader refuses RepeatAugSampler outside distributed training: on one worker the
-        # repeats of an image land in one batch, and an epoch draws 1/R of the distinct images.
-        if self.data.repeated_aug and self.runtime.workers < 2:
-            raise ValueError(
-                f"data.repeated_aug={self.data.repeated_aug} needs runtime.workers >= 2 (repeats go to different workers); "
-                "on one worker use data.repeated_aug=0"
-            )
-        return self
-
 
 class DetectionRecipe(_RecipeBase):
     """A detection recipe: a torchvision R-CNN trained by iterations, scored by COCO AP."""

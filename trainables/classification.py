@@ -241,7 +241,9 @@ class SeededRepeatAugSampler(RepeatAugSampler):
 
 
 def _train_sampler(recipe: Recipe, dataset, session: Session, seed: int):
-    if recipe.data.repeated_aug:  # several workers: the recipe refuses repeats on one
+    if recipe.data.repeated_aug:
+        if session.world_size < 2:  # timm's loader refuses it too: the repeats would share a batch
+            raise RecipeError(f"data.repeated_aug={recipe.data.repeated_aug} needs runtime.workers >= 2 (an image's repeats go to different workers)")
         return SeededRepeatAugSampler(dataset, session.world_size, session.rank, recipe.data.repeated_aug, seed)
     if session.world_size > 1:
         return DistributedSampler(dataset, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=seed)

@@ -80,6 +80,8 @@ BAD_INPUT = [
     (["sweep", "--set", "optim.lr=0.1"], "--set optim.lr fixes a key that space 'rsb' searches"),
     (["train", "rsb-a3", "--set", "optim.name=lamb2"], "unknown optimizer 'lamb2'"),
     (["sweep", "--set", "model.norm=syncbn"], "SyncBatchNorm layers only work with GPU modules"),
+    (["sweep", "--set", "data.repeated_aug=3"], "data.repeated_aug=3 needs runtime.workers >= 2"),
+    (["train", "rsb-digits", "--set", "data.repeated_aug=3"], "data.repeated_aug=3 needs runtime.workers >= 2"),
     (["sweep", "--data", "/nonexistent/data"], "does not exist"),
     (["sweep", "--storage", "/proc/forbidden"], "cannot be written"),
     (["sweep", "--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
@@ -259,7 +261,24 @@ def test_the_searcher_tells_optuna_what_happened_to_each_trial(tmp_path):
     searcher.on_trial_complete("b", result(5, 0.5))
     searcher.on_trial_complete("c", TrialReport.failure("val/top1", ValueError("diverged")).to_result())
     searcher.on_trial_complete("a", result(3, 0.35))  # told twice: the first verdict stands
-    a, b, c = optuna.load_study(study_name="s", storage=storage).trials
+    searcher.suggest("d")
+    searcher.on_trial_result("d", result(1, 0.2))
+    searcher.on_trial_complete("d", None)  # HyperBand stops a paused trial without a result
+    a, b, c, d = optuna.load_study(study_name="s", storage=storage).trials
+    assert (d.state, d.intermediate_values) == (TrialState.PRUNED, {1: 0.2})
     assert (a.state, a.value, a.intermediate_values) == (TrialState.PRUNED, 0.35, {1: 0.1, 2: 0.2, 3: 0.35})
     assert (b.state, b.value) == (TrialState.COMPLETE, 0.5)
     assert c.state == TrialState.FAIL
+
+
+def test_a_sweep_from_another_version_is_read_but_not_resumed(workdir):
+    from search.layout import SPEC_FILE
+    from search.plan import SweepSpec
+
+    sweep_dir = workdir / "runs" / "old"
+    (sweep_dir / os.path.dirname(SPEC_FILE)).mkdir(parents=True)
+    written = {**SweepSpec(space="rsb", name="old", storage=str(workdir / "runs")).to_json(), "tracking_uri": "sqlite:///mlflow.db"}
+    (sweep_dir / SPEC_FILE).write_text(json.dumps(written))  # no "format": written before it existed
+    result = run(["resume", "old", "--storage", str(workdir / "runs")], workdir)
+    assert result.returncode == 2, result.stderr
+    assert "was written by another version of recipe-search (sweep format 1, this one reads 2)" in result.stderr

@@ -34,3 +34,16 @@ def test_step_schedules_count_warmup_in_evaluation_periods(warmup, expected):
     space = _space({"optim.lr": {"loguniform": [1e-3, 1e-1]}}, recipe="scratch-det-digits")
     recipe = resolve_recipe("scratch-det-digits", {"schedule.warmup_iters": warmup})  # eval_period 50
     assert fair_grace(space, recipe, requested=1, max_t=4)[0] == expected
+
+
+def test_a_hyperrule_multiplier_stretches_the_warmup_it_waits_for():
+    space = load_space("bit")
+    recipe = resolve_recipe(space.recipe)  # warmup 100 iterations, evaluations every 100
+    assert space.params["schedule.multiplier"].high == 2.0
+    assert fair_grace(space, recipe, requested=1, max_t=100)[0] == 3  # 200 iterations of warmup at x2, then one report
+
+
+def test_a_null_choice_counts_as_the_base_value():
+    space = _space({"schedule.warmup_epochs": {"choice": [None, 2]}})
+    recipe = resolve_recipe("rsb-digits", {"schedule.warmup_epochs": 4})
+    assert fair_grace(space, recipe, requested=1, max_t=20)[0] == 5

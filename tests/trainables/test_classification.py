@@ -61,8 +61,9 @@ def test_bce_trains():
 def test_repeated_augmentation_is_refused_on_one_worker():
     from spaces import RecipeError
 
+    recipe = resolve_recipe("digits-smoke", {"data.repeated_aug": 3})  # loads: sweeps stored such recipes
     with pytest.raises(RecipeError, match=r"data.repeated_aug=3 needs runtime.workers >= 2"):
-        resolve_recipe("digits-smoke", {"data.repeated_aug": 3})
+        train_classifier(recipe, LocalSession())
 
 
 def test_repeated_augmentation_sends_an_images_repeats_to_different_workers_in_a_seeded_order():
