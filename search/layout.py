@@ -63,22 +63,59 @@ def find_sweep(name_or_path: str, storage: str = "runs") -> str:
     raise SweepError(f"no sweep {name_or_path!r}: not a path, and not a name under storage {storage!r}")
 
 
-def _read_json(sweep_dir: str, name: str) -> Optional[dict[str, Any]]:
+# The keys (and their types) without which a file the driver writes cannot be read.
+_STATE_KEYS = {"name": str, "trials": dict, "num_samples": int, "metric": str, "mode": str}
+_RUN_MAP_KEYS = {"trials": dict}
+
+
+def _damaged(path: str, what: str) -> SweepError:
+    return SweepError(
+        f"{path} is damaged ({what}): a crash or a full disk can leave it so; the sweep's driver writes it, "
+        "so restore it from a copy (status, best, report and resume need it)"
+    )
+
+
+def _read_json(sweep_dir: str, name: str, keys: dict[str, type]) -> Optional[dict[str, Any]]:
+    """A JSON object the driver wrote, with ``keys`` of their types; None when absent; one-line errors."""
     path = os.path.join(sweep_dir, name)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except IsADirectoryError:
+        raise _damaged(path, "a directory, not a file") from None
+    except OSError as err:
+        raise SweepError(f"{path} cannot be read: {err.strerror}") from None
+    except ValueError as err:  # JSON and UTF-8 errors
+        raise _damaged(path, f"not JSON: {str(err).splitlines()[0][:80]}") from None
+    if not isinstance(data, dict):
+        raise _damaged(path, f"a JSON {type(data).__name__}, not an object")
+    for key, kind in keys.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise _damaged(path, f"no {kind.__name__} {key!r}")
+    return data
 
 
 def read_state(sweep_dir: str) -> Optional[dict[str, Any]]:
     """The sweep's recorded state (``state.json``), or None before its first trial."""
-    return _read_json(sweep_dir, STATE_FILE)
+    state = _read_json(sweep_dir, STATE_FILE, _STATE_KEYS)
+    path = os.path.join(sweep_dir, STATE_FILE)
+    for trial_id, record in (state or {}).get("trials", {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("status"), str) or not isinstance(record.get("config", {}), dict):
+            raise _damaged(path, f"trial {str(trial_id)[:40]!r} has no status or config")
+    best = (state or {}).get("best")
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("recipe"), dict) and isinstance(best.get("value"), (int, float))):
+        raise _damaged(path, "its best trial has no recipe or value")
+    return state
 
 
 def read_run_map(sweep_dir: str) -> dict[str, Any]:
     """``{"experiment_id", "parent_run_id", "trials": {trial_id: run_id}, ...}`` of a tracked sweep."""
-    return _read_json(sweep_dir, RUNS_FILE) or {"trials": {}}
+    runs = _read_json(sweep_dir, RUNS_FILE, _RUN_MAP_KEYS) or {"trials": {}}
+    if not all(isinstance(run_id, str) for run_id in runs["trials"].values()):
+        raise _damaged(os.path.join(sweep_dir, RUNS_FILE), "a trial's run id is not a string")
+    return runs
 
 
 def count_states(state: dict[str, Any]) -> dict[str, int]:

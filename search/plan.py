@@ -25,7 +25,7 @@ from spaces.space import DEFAULT_METRICS
 from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
-from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, resolve_run
+from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, read_run_map, read_state, resolve_run
 from search.tracking import check_tracking_uri, resolve_tracking_uri
 from search.trial import LAUNCHERS
 
@@ -343,6 +343,9 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
 
 
 def _check_resumable(sweep_dir: Path) -> None:
+    """Before Ray starts: the sweep's own format, and its state and run map readable (one-line errors)."""
+    read_state(str(sweep_dir))
+    read_run_map(str(sweep_dir))
     try:
         written = json.loads((sweep_dir / SPEC_FILE).read_text()).get("format", 1)
     except (OSError, ValueError, AttributeError):

@@ -282,3 +282,59 @@ def test_a_sweep_from_another_version_is_read_but_not_resumed(workdir):
     result = run(["resume", "old", "--storage", str(workdir / "runs")], workdir)
     assert result.returncode == 2, result.stderr
     assert "was written by another version of recipe-search (sweep format 1, this one reads 2)" in result.stderr
+
+
+DAMAGE = {
+    "truncated": b'{"name": "s", "trials": {"a": {"sta',
+    "empty": b"",
+    "random bytes": bytes(range(256)) * 4,
+    "a list": b"[]",
+    "an empty object": b"{}",
+    "no trials": b'{"name": "s", "num_samples": 2, "metric": "val/top1", "mode": "max"}',
+    "a bad record": b'{"name": "s", "trials": {"a": 3}, "num_samples": 2, "metric": "val/top1", "mode": "max"}',
+    "a bad best": b'{"name": "s", "trials": {}, "num_samples": 2, "metric": "val/top1", "mode": "max", "best": {"trial_id": "a"}}',
+    "a directory": None,
+}
+
+
+def _damaged_sweep(workdir, damage, file):
+    from search.layout import SPEC_FILE, SWEEP_FORMAT
+    from search.plan import SweepSpec
+
+    sweep_dir = workdir / "runs" / "hurt"
+    (sweep_dir / os.path.dirname(SPEC_FILE)).mkdir(parents=True, exist_ok=True)
+    spec = {**SweepSpec(space="rsb", name="hurt", storage=str(workdir / "runs")).to_json(), "tracking_uri": "sqlite:///mlflow.db", "format": SWEEP_FORMAT}
+    (sweep_dir / SPEC_FILE).write_text(json.dumps(spec))
+    target = sweep_dir / file
+    if DAMAGE[damage] is None:
+        target.mkdir()
+    else:
+        target.write_bytes(DAMAGE[damage])
+    return sweep_dir
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_state_or_run_map_is_a_one_line_error(workdir, damage):
+    from search.layout import RUNS_FILE, STATE_FILE, read_run_map, read_state
+    from spaces import SweepError
+
+    sweep_dir = _damaged_sweep(workdir, damage, STATE_FILE)
+    with pytest.raises(SweepError, match=rf"^{sweep_dir / STATE_FILE} is damaged \(.+\): a crash or a full disk") as err:
+        read_state(str(sweep_dir))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    if damage not in ("no trials", "a bad record", "a bad best"):  # those are valid run maps, or not state-shaped
+        _damaged_sweep(workdir, damage, RUNS_FILE)
+        with pytest.raises(SweepError, match=rf"^{sweep_dir / RUNS_FILE} is damaged"):
+            read_run_map(str(sweep_dir))
+
+
+@pytest.mark.parametrize("command", ["status", "best", "resume"])
+def test_commands_on_a_damaged_state_fail_in_one_line_before_ray_starts(workdir, command):
+    from search.layout import STATE_FILE
+
+    _damaged_sweep(workdir, "truncated", STATE_FILE)
+    result = run([command, "hurt", "--storage", str(workdir / "runs")], workdir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is damaged (not JSON" in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and not (workdir / "runs" / "hurt" / "ray.log").exists()
