@@ -68,6 +68,7 @@ LogCheckpointOption = typer.Option(
 
 
 EXIT_INTERRUPTED = 130
+EXIT_ALL_FAILED = 1  # the sweep ran, and no trial produced a result
 
 
 def _launch(spec, resume: bool = False) -> None:
@@ -97,9 +98,11 @@ def _launch(spec, resume: bool = False) -> None:
         _print_gain(sweep_best(plan.sweep_dir))
         print(recipe_to_yaml(validate_recipe(best["recipe"])).rstrip())
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
-    else:
-        print("no trial produced a result")
     print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+    if not best:
+        errors = [r["error"] for r in state["trials"].values() if r.get("error")]
+        typer.echo(f"error: no trial ran its whole schedule with a result ({len(errors)} failed" + (f"; the first: {errors[0][:300]})" if errors else ")"), err=True)
+        raise typer.Exit(EXIT_ALL_FAILED)
 
 
 def _report_study(plan, state: dict[str, Any]) -> None:

@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Any, Optional
 
 import yaml
@@ -195,6 +197,14 @@ def _callbacks(plan: SweepPlan, out, resume: bool) -> tuple[MlflowTracking, Swee
     return tracker, monitor
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, a batch scheduler, ``ray job stop``) stops the driver as Ctrl-C does: Tune saves
+    the experiment, open runs are marked KILLED and the resume command is printed. Installed after
+    ``ray.init``, whose own handler would abort the process."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
 def _fit(tuner, sweep_dir: str) -> bool:
     """Run the Tuner with Tune's banners sent to the log; whether the driver was interrupted."""
     from ray.tune.error import TuneError
@@ -223,6 +233,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
             json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT}, f, indent=1)
     _route_ray_logs(plan.sweep_dir)
     init_ray(plan.spec.address)
+    _stop_on_sigterm()
     tracker, monitor = _callbacks(plan, out, resume)
     verb = "resuming" if resume else "sweep"
     print(f"{verb} {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)

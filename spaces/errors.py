@@ -6,7 +6,10 @@ exit code.
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
+    "short",
     "RecipeSearchError",
     "RecipeError",
     "SpaceError",
@@ -38,3 +41,13 @@ class DataError(RecipeSearchError):
 
 class TrainingError(RecipeSearchError):
     """A trial failed while training (for example its loss became NaN)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 6
+
+
+def short(value: object) -> str:
+    """A bounded repr of user input for error messages: a YAML alias bomb or a huge list stays one short line."""
+    return _REPR.repr(value)

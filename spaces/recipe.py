@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from spaces.errors import RecipeError
+from spaces.errors import RecipeError, short
 from spaces.optimizers import optimizer_names, takes_momentum
 
 __all__ = [
@@ -224,7 +224,7 @@ class ClassificationData(DataConfig):
     @classmethod
     def _rand_augment_string(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not value.startswith("rand-m"):
-            raise ValueError(f"must be a timm RandAugment string such as 'rand-m7-mstd0.5-inc1' or null, but got {value!r}")
+            raise ValueError(f"must be a timm RandAugment string such as 'rand-m7-mstd0.5-inc1' or null, but got {short(value)}")
         return value
 
     @field_validator("scale")
@@ -610,7 +610,7 @@ def check_applies(recipe: Recipe, keys: list[str], recipe_label: str, prefix: st
 def task_keys(task: str) -> frozenset[str]:
     """Every dotted key a recipe of ``task`` may hold."""
     if task not in _TASK_KEYS:
-        raise RecipeError(f"task must be one of {', '.join(TASKS)}, but got {task!r}")
+        raise RecipeError(f"task must be one of {', '.join(TASKS)}, but got {short(task)}")
     return _TASK_KEYS[task]
 
 
@@ -708,7 +708,7 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise RecipeError(f"--set takes KEY=VALUE, but got {pair!r}")
+            raise RecipeError(f"--set takes KEY=VALUE, but got {short(pair)}")
         overrides[key] = parse_value(value)
     check_keys(overrides)
     return overrides
@@ -735,9 +735,9 @@ def _format_validation_error(err: ValidationError) -> str:
             parts.append(f"unknown recipe key {loc!r}")
             continue
         if item["type"].startswith(("literal_error", "enum")):
-            parts.append(f"{loc}: {msg[0].lower()}{msg[1:]}, but got {item['input']!r}")
+            parts.append(f"{loc}: {msg[0].lower()}{msg[1:]}, but got {short(item['input'])}")
             continue
-        got = "" if "but got" in msg or "input" not in item or isinstance(item["input"], dict) else f", but got {item['input']!r}"
+        got = "" if "but got" in msg or "input" not in item or isinstance(item["input"], dict) else f", but got {short(item['input'])}"
         msg = msg[0].lower() + msg[1:]
         if not loc or msg.startswith((loc, "unknown", "model.", "data.", "optim.", "schedule.", "a step")):
             parts.append(msg)  # the message names the key itself (and the value where it matters)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from spaces.errors import RecipeError
+from spaces.yamlfile import read_yaml
 from spaces.recipe import Recipe, check_keys, drop_legacy_keys, flatten, unflatten, validate_recipe
 
 __all__ = ["RECIPE_PRESETS", "recipe_names", "preset_overrides", "load_recipe", "load_recipe_file", "resolve_recipe"]
@@ -313,14 +313,7 @@ def preset_overrides(name: str) -> dict[str, Any]:
 def load_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML (nested, or flat dotted keys) with a safe loader."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {err}") from None
+    data = read_yaml(path, "recipe", RecipeError)
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of recipe keys")
     return drop_legacy_keys(flatten(data), str(path))

@@ -24,10 +24,10 @@ import itertools
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from spaces.errors import RecipeError, SpaceError
+from spaces.errors import RecipeError, SpaceError, short
+from spaces.yamlfile import read_yaml
 from spaces.recipes import load_recipe
 from spaces.recipe import CONDITIONS, Recipe, applies, apply_overrides, check_keys, check_applies, flatten, known_keys, unflatten, validate_recipe
 
@@ -37,6 +37,9 @@ SPACES_DIR = Path(__file__).parent / "presets"
 # What a space optimizes when it does not say.
 DEFAULT_METRICS = {"classification": "val/top1", "detection": "val/bbox_AP"}
 _KINDS = ("uniform", "loguniform", "int", "choice")
+
+
+MAX_CHOICES = 1000
 
 
 class Param(BaseModel):
@@ -58,7 +61,7 @@ class Param(BaseModel):
     def _short_form(cls, data: Any) -> Any:
         """Accept ``{loguniform: [lo, hi]}`` as well as the explicit fields."""
         if not isinstance(data, dict):
-            raise ValueError(f"must be a mapping such as {{uniform: [0, 1]}}, but got {data!r}")
+            raise ValueError(f"must be a mapping such as {{uniform: [0, 1]}}, but got {short(data)}")
         data = dict(data)
         kinds = [k for k in _KINDS if k in data]
         if len(kinds) > 1:
@@ -68,14 +71,16 @@ class Param(BaseModel):
             values = data.pop(kind)
             data["kind"] = kind
             if kind == "choice":
+                if isinstance(values, (list, tuple)) and len(values) > MAX_CHOICES:
+                    raise ValueError(f"choice takes at most {MAX_CHOICES} values (a search samples a few dozen), but got {len(values)}")
                 data["choices"] = values
             else:
                 if not isinstance(values, (list, tuple)) or len(values) != 2:
-                    raise ValueError(f"{kind} takes [low, high], but got {values!r}")
+                    raise ValueError(f"{kind} takes [low, high], but got {short(values)}")
                 data["low"], data["high"] = values
         when = data.get("when") or {}
         if not isinstance(when, dict):
-            raise ValueError(f"'when' must map keys to values, but got {when!r}")
+            raise ValueError(f"'when' must map keys to values, but got {short(when)}")
         data["when"] = {k: v if isinstance(v, list) else [v] for k, v in when.items()}
         return data
 
@@ -99,7 +104,7 @@ class Param(BaseModel):
         """The recipe value for a sampled value (``base``: the base recipe's value, for relative params)."""
         if self.relative:
             if not isinstance(base, (int, float)) or isinstance(base, bool):
-                raise SpaceError(f"a relative param multiplies the base recipe's value, which must be a number, but it is {base!r}")
+                raise SpaceError(f"a relative param multiplies the base recipe's value, which must be a number, but it is {short(base)}")
             value = base * sampled
             return int(round(value)) if isinstance(base, int) else value
         return self.format.format(sampled) if self.format is not None else sampled
@@ -117,7 +122,7 @@ class Param(BaseModel):
         value = 1 if self.relative else base
         inside = value in self.choices if self.kind == "choice" else self.low <= value <= self.high
         if not inside:
-            raise SpaceError(f"the base recipe's value {base!r} is outside the param's range, so the space cannot start from it")
+            raise SpaceError(f"the base recipe's value {short(base)} is outside the param's range, so the space cannot start from it")
         return value
 
     def suggest(self, trial: Any, key: str) -> Any:
@@ -209,7 +214,7 @@ class Space(BaseModel):
                 checked = validate_recipe(apply_overrides(recipe, {**condition, key: value}))
             except RecipeError as err:
                 reason = str(err).removeprefix("invalid recipe: ")
-                raise SpaceError(f"space {self.name!r}: params.{key} allows {value!r}, which the recipe rejects: {reason}") from None
+                raise SpaceError(f"space {self.name!r}: params.{key} allows {short(value)}, which the recipe rejects: {reason}") from None
             if not self._searches_condition_of(key):
                 try:
                     check_applies(checked, [key], f"recipe {self.recipe}", f"space {self.name!r}: params.")
@@ -261,15 +266,7 @@ def load_space(name_or_path: str) -> Space:
         path = Path(name_or_path)
         if not (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
             raise SpaceError(f"unknown space {name_or_path!r}; available: {', '.join(space_names())} (or a .yaml file)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(f"space file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as err:
-        raise SpaceError(f"space file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpaceError(f"space file {str(path)!r} cannot be read: {err}") from None
-    return parse_space(data, str(path))
+    return parse_space(read_yaml(path, "space", SpaceError), str(path))
 
 
 class DefineByRun:

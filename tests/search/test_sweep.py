@@ -232,6 +232,22 @@ def test_train_runs_one_recipe_tracked_like_a_sweep(ray_session, workdir):
     assert children[0].data.params["optim.lr"] == "0.1"
 
 
+def test_a_run_whose_every_trial_fails_exits_1_with_the_error(ray_session, workdir):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [
+        sys.executable, "-m", "search.cli", "train", "digits-smoke", "--set", "optim.name=momentum", "--set", "optim.lr=100",
+        "--set", "optim.weight_decay=0", "--set", "schedule.epochs=1", "--storage", str(workdir / "runs"),
+        "--address", ray_session.get_runtime_context().gcs_address,
+    ]
+    done = subprocess.run(command, cwd=workdir, env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error: no trial ran its whole schedule with a result (1 failed; the first: " in done.stderr
+    assert "diverged" in done.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir, workers):
     space = {"name": "diverge", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [100.0, 0.1]}}}
@@ -267,7 +283,7 @@ def test_a_diverging_trial_fails_alone_and_is_never_best(ray_session, workdir, w
     assert "diverged" in bad_run.data.tags["recipe_search.error"] and bad_run.data.tags["recipe_search.outcome"] == "failed"
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT", "SIGTERM"])
 def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_name):
     """Kill (or Ctrl-C) the driver mid-sweep, then resume: N trials, one study, one run each.
 
@@ -295,10 +311,10 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
         command, cwd=workdir, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     sweep_dir = str(workdir / "runs" / "killed")
-    # SIGINT after the good trial, so that the third meets it at ASHA's rung after the resume. SIGKILL after
+    # SIGINT (SIGTERM) after the good trial, so that the third meets it at ASHA's rung after the resume. SIGKILL after
     # the first: Tune deletes a trial's previous checkpoint before its next experiment snapshot is written,
     # and a driver killed in between leaves that trial unrecoverable (see README, "Not yet").
-    finished_first = 2 if signal_name == "SIGINT" else 1
+    finished_first = 1 if signal_name == "SIGKILL" else 2
     deadline = time.time() + 240
     while time.time() < deadline:
         state = read_state(sweep_dir) if os.path.exists(sweep_dir) else None
@@ -319,8 +335,8 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
         _check_dashboard(sweep_dir)
     driver.send_signal(getattr(signal, signal_name))
     output, _ = driver.communicate(timeout=120)
-    if signal_name == "SIGINT":
-        # Ctrl-C: state saved, open runs KILLED, the exact resume command printed.
+    if signal_name != "SIGKILL":
+        # Ctrl-C, or SIGTERM (kill, a batch scheduler): state saved, open runs KILLED, the resume command printed.
         assert driver.returncode == 130, output
         assert f"recipe-search resume {sweep_dir}" in output
         _, parents, children = _runs("killed")
@@ -339,7 +355,7 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     assert all(r["status"] == "TERMINATED" and r["progress"]["done"] == (2 if r["stopped_early"] else 3) for r in records.values())
     assert finished_before <= set(records)
     stopped = [t for t, r in records.items() if r["stopped_early"]]
-    if signal_name == "SIGINT":  # Tune saved the scheduler's rungs: the third trial meets the good one there
+    if signal_name != "SIGKILL":  # the third trial meets the good one at ASHA's rung, kept across the resume
         assert stopped == list(records)[2:]
 
     # The stored study is the sweep's: COMPLETE for the full runs, PRUNED for the cut one, and none left

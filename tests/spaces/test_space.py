@@ -122,3 +122,42 @@ def test_relative_params_and_start_points():
         off.check()
     with pytest.raises(SpaceError, match="must be a number"):
         parse_space({"name": "x", "recipe": "rsb-digits", "params": {"data.rand_augment": {"choice": [1.0], "relative": True}}}, "test").check()
+
+
+BOMB = """name: bomb
+recipe: rsb-digits
+params:
+  optim.lr:
+""" + "".join(
+    f"    - &{chr(97 + i)} [{', '.join([f'*{chr(96 + i)}' if i else '0'] * 9)}]\n" for i in range(9)
+)  # 9 levels of 9 aliases: 9^9 (387 million) leaves in a file of under 1 KB
+
+
+def test_an_alias_bomb_or_a_huge_space_is_refused_in_one_short_line(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(SpaceError) as err:
+        load_space(str(bomb)).check()
+    assert "must be a mapping such as {uniform: [0, 1]}, but got [[0, 0, 0, 0, 0, 0, ...]" in str(err.value)
+    assert len(str(err.value)) < 500
+
+    many = tmp_path / "many.yaml"
+    many.write_text("name: many\nrecipe: rsb-digits\nparams:\n  optim.lr: {choice: [" + ", ".join(["0.001"] * 1001) + "]}\n")
+    with pytest.raises(SpaceError, match="choice takes at most 1000 values .*, but got 1001"):
+        load_space(str(many))
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("name: huge\n# " + "x" * 1_000_001 + "\n")
+    with pytest.raises(SpaceError, match=r"huge.yaml' is 1.0 MB; a space is a small YAML file \(at most 1 MB\)"):
+        load_space(str(huge))
+
+
+def test_a_bomb_in_a_set_value_is_one_short_line():
+    from spaces import RecipeError
+    from spaces.recipe import parse_overrides
+
+    levels = [f"&{chr(97 + i)} [{','.join([f'*{chr(96 + i)}' if i else '0'] * 9)}]" for i in range(9)]
+    pair = f"data.scale=[{', '.join(levels)}]"  # 9^9 leaves in about 300 characters
+    with pytest.raises(RecipeError) as err:
+        resolve_recipe("rsb-digits", parse_overrides([pair]))
+    assert str(err.value).startswith("invalid recipe: data.scale") and len(str(err.value)) < 500
