@@ -197,12 +197,30 @@ def _callbacks(plan: SweepPlan, out, resume: bool) -> tuple[MlflowTracking, Swee
     return tracker, monitor
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (kill, a batch scheduler, ``ray job stop``) stops the driver as Ctrl-C does: Tune saves
-    the experiment, open runs are marked KILLED and the resume command is printed. Installed after
-    ``ray.init``, whose own handler would abort the process."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+def _stop_as_interrupt(signum, frame) -> None:
+    """SIGTERM handled by whatever handles Ctrl-C now (Tune's graceful stop during ``fit``)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored (a background job) or not set from Python
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """While Tune runs, SIGTERM (kill, a batch scheduler, ``ray job stop``) stops the driver as Ctrl-C
+    does: Tune saves the experiment, open runs are marked KILLED, the resume command is printed.
+    Both handlers are put back afterwards (Ray's SIGTERM handler would abort the process; Tune's
+    SIGINT handler outlives a ``fit`` that ended normally)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _stop_as_interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _fit(tuner, sweep_dir: str) -> bool:
@@ -211,7 +229,8 @@ def _fit(tuner, sweep_dir: str) -> bool:
 
     with open(os.path.join(sweep_dir, LOG_FILE), "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         try:
-            tuner.fit()
+            with _sigterm_as_ctrl_c():
+                tuner.fit()
         except (KeyboardInterrupt, TuneError):
             return True
     return False
@@ -233,7 +252,6 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
             json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT}, f, indent=1)
     _route_ray_logs(plan.sweep_dir)
     init_ray(plan.spec.address)
-    _stop_on_sigterm()
     tracker, monitor = _callbacks(plan, out, resume)
     verb = "resuming" if resume else "sweep"
     print(f"{verb} {plan.name}: {plan.spec.trials} trial(s) of space {plan.space.name!r} on recipe {plan.space.recipe!r}", file=out)

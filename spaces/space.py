@@ -71,8 +71,6 @@ class Param(BaseModel):
             values = data.pop(kind)
             data["kind"] = kind
             if kind == "choice":
-                if isinstance(values, (list, tuple)) and len(values) > MAX_CHOICES:
-                    raise ValueError(f"choice takes at most {MAX_CHOICES} values (a search samples a few dozen), but got {len(values)}")
                 data["choices"] = values
             else:
                 if not isinstance(values, (list, tuple)) or len(values) != 2:
@@ -89,6 +87,8 @@ class Param(BaseModel):
         if self.kind == "choice":
             if not self.choices:
                 raise ValueError("choice needs at least one value")
+            if len(self.choices) > MAX_CHOICES:
+                raise ValueError(f"choice takes at most {MAX_CHOICES} values (a search samples a few dozen), but got {len(self.choices)}")
             return self
         if self.low is None or self.high is None:
             raise ValueError(f"{self.kind} needs low and high")

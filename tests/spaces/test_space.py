@@ -146,6 +146,8 @@ def test_an_alias_bomb_or_a_huge_space_is_refused_in_one_short_line(tmp_path):
     many.write_text("name: many\nrecipe: rsb-digits\nparams:\n  optim.lr: {choice: [" + ", ".join(["0.001"] * 1001) + "]}\n")
     with pytest.raises(SpaceError, match="choice takes at most 1000 values .*, but got 1001"):
         load_space(str(many))
+    with pytest.raises(SpaceError, match="choice takes at most 1000 values .*, but got 1001"):
+        parse_space({"name": "s", "recipe": "rsb-digits", "params": {"optim.lr": {"kind": "choice", "choices": [0.1] * 1001}}}, "test")
     huge = tmp_path / "huge.yaml"
     huge.write_text("name: huge\n# " + "x" * 1_000_001 + "\n")
     with pytest.raises(SpaceError, match=r"huge.yaml' is 1.0 MB; a space is a small YAML file \(at most 1 MB\)"):
