@@ -27,7 +27,7 @@ from ray.tune.result import TIME_TOTAL_S
 from spaces import Recipe, SweepError, flatten, recipe_to_yaml
 from trainables.report import TrialReport
 
-from search.layout import RUNS_FILE
+from search.layout import RUNS_FILE, read_run_map
 
 logger = logging.getLogger(__name__)
 
@@ -205,13 +205,11 @@ class MlflowTracking(Callback):
         os.replace(tmp, self._runs_path)
 
     def _load_map(self) -> None:
-        if os.path.exists(self._runs_path):
-            with open(self._runs_path) as f:
-                saved = json.load(f)
-            self.parent_run_id = saved.get("parent_run_id")
-            self.run_ids = dict(saved.get("trials", {}))
-            self.last_steps = dict(saved.get("last_steps", {}))
-            self.best_values = dict(saved.get("best_values", {}))
+        saved = read_run_map(self.sweep_dir)  # checked: a damaged map is a one-line error
+        self.parent_run_id = saved.get("parent_run_id")
+        self.run_ids = dict(saved["trials"])
+        self.last_steps = dict(saved.get("last_steps", {}))
+        self.best_values = dict(saved.get("best_values", {}))
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         entries = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
