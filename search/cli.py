@@ -72,30 +72,43 @@ EXIT_ALL_FAILED = 1  # the sweep ran, and no trial produced a result
 
 
 def _launch(spec, resume: bool = False) -> None:
-    from search.layout import BEST_RECIPE_FILE, count_states
+    from search.confirm import pending_confirmation
+    from search.layout import read_state
     from search.plan import plan_sweep
-    from search.results import sweep_best
-    from search.study import STUDIES
     from search.upstream import run_with_upstream  # Ray, Tune, MLflow: imported when a sweep runs
 
     plan = plan_sweep(spec, resume=resume)
     started = time.time()
-    state = run_with_upstream(plan, resume=resume)
+    state = read_state(plan.sweep_dir) if resume else None
+    if state and state.get("finished"):
+        print(f"sweep {plan.name}: its search has finished")
+    else:
+        state = run_with_upstream(plan, resume=resume)
+        _searched(plan, state, started)
+    pending = pending_confirmation(plan.sweep_dir, plan.spec.confirm, plan.spec.confirm_seeds)
+    if pending and state.get("best"):
+        _confirm(plan, *pending)
+
+
+def _searched(plan, state: dict[str, Any], started: float) -> None:
+    """What the search phase says when it ends: its counts, the winner, or how it was stopped."""
+    from search.layout import BEST_RECIPE_FILE, count_states
+    from search.results import sweep_best
+    from search.study import STUDIES
+
     best = state.get("best")
     minutes = (time.time() - started) / 60
     counts = count_states(state)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     if state.get("interrupted"):
-        print(f"\nsweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.")
-        print(f"resume it with: recipe-search resume {plan.sweep_dir}")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        _interrupted(plan, f"sweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.")
     print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
     if plan.spec.searcher == "grid" and plan.space.name in STUDIES:
         _report_study(plan, state)
         return
     if best:
         print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
-        _print_gain(sweep_best(plan.sweep_dir))
+        _print_gain(sweep_best(plan.sweep_dir, follow_confirmation=False))
         print(recipe_to_yaml(validate_recipe(best["recipe"])).rstrip())
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
     print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
@@ -103,6 +116,30 @@ def _launch(spec, resume: bool = False) -> None:
         errors = [r["error"] for r in state["trials"].values() if r.get("error")]
         typer.echo(f"error: no trial ran its whole schedule with a result ({len(errors)} failed" + (f"; the first: {errors[0][:300]})" if errors else ")"), err=True)
         raise typer.Exit(EXIT_ALL_FAILED)
+
+
+def _interrupted(plan, line: str) -> None:
+    print(f"\n{line}")
+    print(f"resume it with: recipe-search resume {plan.sweep_dir}")
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _confirm(plan, top: int, seeds: int) -> None:
+    """The confirmation phase: its table, the confirmed winner written as the best recipe."""
+    from search.confirm import format_confirmation
+    from search.layout import BEST_RECIPE_FILE
+    from search.sweep import run_confirmation
+
+    started = time.time()
+    summary = run_confirmation(plan, top, seeds)
+    minutes = (time.time() - started) / 60
+    if summary.get("interrupted"):
+        _interrupted(plan, f"confirmation of {plan.name} interrupted after {minutes:.1f} min; its finished seeds are kept.")
+    print(f"\nconfirmation of {plan.name} done in {minutes:.1f} min")
+    print(format_confirmation(summary))
+    if summary["winner"] is None:
+        raise typer.Exit(EXIT_ALL_FAILED)
+    print(f"confirmed winner's recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
 
 
 def _report_study(plan, state: dict[str, Any]) -> None:
@@ -143,6 +180,8 @@ def sweep(
     optuna_storage: Optional[str] = typer.Option(
         None, "--optuna-storage", help="RDB URL of the searcher's Optuna study [default: sqlite in runs/NAME/recipe-search/]"
     ),
+    confirm: int = typer.Option(0, "--confirm", metavar="K", help="then train the K best recipes again on fresh seeds (0: no confirmation)"),
+    seeds: int = typer.Option(3, "--seeds", metavar="S", help="seeds of each recipe in the confirmation"),
 ) -> None:
     """Search a recipe space: Optuna proposes, ASHA stops weak trials early, MLflow records every trial."""
     from search.plan import SweepSpec
@@ -152,6 +191,7 @@ def sweep(
         space=space, name=name, recipe=recipe, overrides=overrides, trials=trials, searcher=searcher,
         scheduler=scheduler, grace_period=grace_period, concurrency=concurrency, storage=storage,
         tracking_uri=tracking_uri, address=address, seed=seed, log_checkpoint=log_checkpoint, optuna_storage=optuna_storage,
+        confirm=confirm, confirm_seeds=seeds,
     )
     _launch(spec)
 
@@ -199,6 +239,32 @@ def resume(
 
 
 @app.command()
+def confirm(
+    sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
+    top: int = typer.Option(3, "--top", metavar="K", help="how many of the best recipes to train again"),
+    seeds: int = typer.Option(3, "--seeds", metavar="S", help="fresh seeds per recipe"),
+    storage: str = StorageOption,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI [default: the sweep's own]"),
+) -> None:
+    """Train the K best recipes of a finished sweep again on S fresh seeds: mean ± std, and whether the winner beats the runner-up beyond the noise."""
+    from search.confirm import check_request
+    from search.layout import find_sweep, read_confirmation
+    from search.plan import load_sweep_spec, plan_sweep
+
+    check_request(top, seeds)
+    sweep_dir = find_sweep(sweep_name, storage)
+    done = read_confirmation(sweep_dir)
+    if done is not None:
+        from search.confirm import format_confirmation
+
+        if (done.get("top"), len(done["seeds"])) != (top, seeds):
+            _fail(f"sweep {sweep_dir!r} is confirmed already, its top {done.get('top')} over {len(done['seeds'])} seeds (recipe-search status shows it)")
+        print(format_confirmation(done))
+        return
+    _confirm(plan_sweep(load_sweep_spec(sweep_dir, tracking_uri), resume=True), top, seeds)
+
+
+@app.command()
 def status(
     sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
     storage: str = StorageOption,
@@ -224,6 +290,23 @@ def status(
     best = info["best"]
     if best:
         print(f"best: trial {best['trial_id']} {best['metric']}={best['value']:.4f}")
+    _print_phase(sweep_dir, info["phase"])
+
+
+def _print_phase(sweep_dir: str, phase: dict[str, Any]) -> None:
+    from search.confirm import format_confirmation
+    from search.layout import read_confirmation
+
+    if phase["phase"] == "search":
+        print("phase: search")
+    elif phase["phase"] == "confirmation":
+        failed = f", {phase['failed']} failed" if phase["failed"] else ""
+        print(f"phase: confirmation over seeds, {phase['done']} of {phase['total']} runs done{failed}")
+    elif phase["confirmed"]:
+        print("phase: done, confirmed over seeds")
+        print(format_confirmation(read_confirmation(sweep_dir)))
+    else:
+        print(f"phase: done (one seed per recipe; confirm the best: recipe-search confirm {sweep_dir} --top 3 --seeds 3)")
 
 
 @app.command()
@@ -249,6 +332,12 @@ def best(
         print(json.dumps(info, indent=1))
         return
     print(f"# best trial {info['trial_id']}: {info['metric']}={info['value']:.4f} (MLflow run {info['mlflow_run_id']})")
+    confirmed = info.get("confirmed")
+    if confirmed:
+        from search.confirm import verdict
+        from search.layout import read_confirmation
+
+        print(f"# {verdict(read_confirmation(sweep_dir))}")
     _print_gain(info, prefix="# ")
     print(text.rstrip())
     if output:

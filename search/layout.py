@@ -17,6 +17,8 @@ from trainables.report import CHECKPOINT_FILE
 
 __all__ = [
     "BEST_RECIPE_FILE",
+    "CONFIRMATION_FILE",
+    "CONFIRM_DIR",
     "LOG_FILE",
     "META_DIR",
     "OPTUNA_FILE",
@@ -28,10 +30,12 @@ __all__ = [
     "count_states",
     "driver_gone",
     "find_sweep",
+    "read_confirmation",
     "read_run_map",
     "read_state",
     "resolve_run",
     "trial_checkpoint",
+    "winner_trial",
 ]
 
 # The sweep's own files live in a subfolder: on resume, Tune copies the top-level .json
@@ -46,6 +50,8 @@ SCHEDULER_FILE = f"{META_DIR}/asha.pkl"  # ASHA's rungs, which Tune does not res
 # What sweep.json's "format" says: the layout of what Tune pickles for resume (the searcher's
 # state). A sweep written with an older format is read by status/best/report, not resumed.
 SWEEP_FORMAT = 2
+CONFIRM_DIR = "confirm"  # the Tune experiment of a confirmation over seeds (search.confirm)
+CONFIRMATION_FILE = f"{META_DIR}/confirmation.json"  # its result: statistics and the confirmed winner
 BEST_RECIPE_FILE = "best_recipe.yaml"
 LOG_FILE = "ray.log"
 RUN_PREFIX = "run:"
@@ -118,6 +124,24 @@ def read_run_map(sweep_dir: str) -> dict[str, Any]:
     return runs
 
 
+def read_confirmation(sweep_dir: str) -> Optional[dict[str, Any]]:
+    """The result of a sweep's finished confirmation over seeds, or None."""
+    summary = _read_json(sweep_dir, CONFIRMATION_FILE, {"recipes": list, "seeds": list})
+    if summary is not None and summary.get("winner") is not None:
+        if not any(isinstance(r, dict) and r.get("trial_id") == summary["winner"] and isinstance(r.get("recipe"), dict) for r in summary["recipes"]):
+            raise _damaged(os.path.join(sweep_dir, CONFIRMATION_FILE), "its winner is not among its recipes")
+    return summary
+
+
+def winner_trial(sweep_dir: str) -> Optional[str]:
+    """The trial a finished sweep delivers: the confirmed winner when confirmed, else the search's best."""
+    confirmation = read_confirmation(sweep_dir)
+    if confirmation is not None and confirmation.get("winner"):
+        return confirmation["winner"]
+    best = (read_state(sweep_dir) or {}).get("best")
+    return best["trial_id"] if best else None
+
+
 def count_states(state: dict[str, Any]) -> dict[str, int]:
     """Trials by state; those not yet created count as PENDING."""
     counts = {"TERMINATED": 0, "ERROR": 0, "RUNNING": 0, "PENDING": 0}
@@ -155,13 +179,12 @@ def trial_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:
 
 def best_checkpoint(sweep_dir: str) -> str:
     """The checkpoint of a finished sweep's (or ``train`` run's) best trial, for a downstream ``model.init``."""
-    state = read_state(sweep_dir)
-    best = (state or {}).get("best")
-    if best is None:
+    trial_id = winner_trial(sweep_dir)
+    if trial_id is None:
         raise SweepError(f"sweep {sweep_dir!r} has no finished trial with a result: no checkpoint to start from")
-    path = trial_checkpoint(sweep_dir, best["trial_id"])
+    path = trial_checkpoint(sweep_dir, trial_id)
     if path is None:
-        raise SweepError(f"the best trial {best['trial_id']} of {sweep_dir!r} left no checkpoint")
+        raise SweepError(f"the best trial {trial_id} of {sweep_dir!r} left no checkpoint")
     return path
 
 

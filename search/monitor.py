@@ -64,8 +64,10 @@ class SweepMonitor(Callback):
         out: Optional[TextIO] = None,
         resumed: bool = False,
         baseline_config: Optional[dict[str, Any]] = None,
+        ranks: bool = True,
     ) -> None:
         self.sweep_dir = sweep_dir
+        self.ranks = ranks
         self.baseline_config = baseline_config
         self.metric = metric
         self.mode = mode
@@ -169,7 +171,7 @@ class SweepMonitor(Callback):
             # a short-budget number, not comparable with the delivered ones.
             if complete and better(value, best["value"] if best else None, self.mode):
                 self._set_best(trial.trial_id, record, value)
-                line += " (best so far)"
+                line += " (best so far)" if self.ranks else ""
         self._save()
         self._print(line)
 

@@ -25,6 +25,7 @@ from spaces.space import DEFAULT_METRICS
 from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
+from search.confirm import check_request
 from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, read_run_map, read_state, resolve_run
 from search.tracking import check_tracking_uri, resolve_tracking_uri
 from search.trial import LAUNCHERS
@@ -57,6 +58,8 @@ class SweepSpec:
     launcher: str = "auto"  # "train": Ray Train even for one worker (see search.trial)
     log_checkpoint: bool = True  # the winner's final checkpoint as an MLflow artifact (best/)
     optuna_storage: Optional[str] = None  # the searcher's study: an RDB URL [default: sqlite in the sweep's folder]
+    confirm: int = 0  # after the search, train the best `confirm` recipes again on `confirm_seeds` fresh seeds
+    confirm_seeds: int = 3
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -245,6 +248,10 @@ def _check_flags(spec: SweepSpec) -> None:
     if spec.grace_period < 1:
         raise SweepError(f"grace period must be at least 1 epoch, but got {spec.grace_period}")
     check_names(spec.searcher or "tpe", spec.scheduler)
+    if spec.confirm:
+        check_request(spec.confirm, spec.confirm_seeds)
+        if spec.confirm > spec.trials:
+            raise SweepError(f"--confirm {spec.confirm} asks for more recipes than the sweep's {spec.trials} trial(s)")
 
 
 def _space_of(spec: SweepSpec) -> tuple[SweepSpec, Space]:

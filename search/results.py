@@ -8,9 +8,10 @@ from spaces import SweepError
 
 from trainables.report import Progress
 
+from search.confirm import confirmation_progress, confirmed_recipe
 from search.layout import count_states, read_state
 
-__all__ = ["sweep_status", "sweep_best", "trial_rows"]
+__all__ = ["phase", "sweep_status", "sweep_best", "trial_rows"]
 
 
 def _state(sweep_dir: str) -> dict[str, Any]:
@@ -20,8 +21,19 @@ def _state(sweep_dir: str) -> dict[str, Any]:
     return state
 
 
+def phase(sweep_dir: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Where the sweep is: ``{"phase": "search" | "confirmation" | "done", ...}`` (a confirmation: runs done / total)."""
+    confirmed = confirmed_recipe(sweep_dir)
+    progress = confirmation_progress(sweep_dir)
+    if not state.get("finished"):
+        return {"phase": "search"}
+    if progress is not None and confirmed is None:
+        return {"phase": "confirmation", **progress}
+    return {"phase": "done", "confirmed": confirmed is not None}
+
+
 def sweep_status(sweep_dir: str) -> dict[str, Any]:
-    """``{"name", "path", "num_samples", "trials": {state: n}, "best": {...} or null}``."""
+    """``{"name", "path", "num_samples", "trials": {state: n}, "best": {...} or null, "phase": {...}}``."""
     state = _state(sweep_dir)
     return {
         "name": state["name"],
@@ -29,17 +41,27 @@ def sweep_status(sweep_dir: str) -> dict[str, Any]:
         "num_samples": state["num_samples"],
         "trials": count_states(state),
         "best": state.get("best"),
+        "phase": phase(sweep_dir, state),
     }
 
 
-def sweep_best(sweep_dir: str) -> Optional[dict[str, Any]]:
-    """``{"trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe"}`` of the best trial, or None."""
+def sweep_best(sweep_dir: str, follow_confirmation: bool = True) -> Optional[dict[str, Any]]:
+    """``{"trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe"}`` of the best trial, or None.
+
+    After a confirmation over seeds, the confirmed winner (the best mean over fresh seeds), with
+    ``"confirmed": {"seeds", "mean", "std", "ci95", "runs", ...}``; ``value`` stays its search run's.
+    """
     state = _state(sweep_dir)
     best = state.get("best")
     if best is None:
         return None
     keys = ("trial_id", "metric", "mode", "value", "mlflow_run_id", "recipe")
     info = {k: best.get(k) for k in keys}
+    winner = confirmed_recipe(sweep_dir) if follow_confirmation else None
+    if winner is not None:
+        info.update(trial_id=winner["trial_id"], value=winner["search_value"], mlflow_run_id=winner["mlflow_run_id"], recipe=winner["recipe"])
+        info["confirmed"] = winner["confirmed"]
+        best = {**best, "value": winner["search_value"]}
     baseline = state.get("baseline")
     if baseline and baseline.get("value") is not None:
         # A space with start: true; the gain is signed so that positive means better.

@@ -22,14 +22,19 @@ from spaces import Recipe, SweepError, define_by_run, flatten, recipe_to_yaml, r
 from trainables.report import CHECKPOINT_FILE
 
 from search.algorithms import build_scheduler, build_searcher
-from search.layout import BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, SWEEP_FORMAT, read_state, trial_checkpoint
+from search.confirm import (
+    ConfirmationPlan, confirm_dir, confirmation_summary, confirmed_recipe, format_confirmation, plan_confirmation, write_confirmation,
+)
+from search.layout import (
+    BEST_RECIPE_FILE, CONFIRMATION_FILE, LOG_FILE, META_DIR, SPEC_FILE, SWEEP_FORMAT, read_run_map, read_state, trial_checkpoint,
+)
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
 from search.report import write_report
-from search.tracking import MlflowTracking, provenance_tags
-from search.trial import run_trial, trial_resources, uses_ray_train
+from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, run_name
+from search.trial import ConfirmationResources, confirmation_recipe, run_confirmation_trial, run_trial, trial_resources, uses_ray_train
 
-__all__ = ["init_ray", "build_tuner", "run_sweep"]
+__all__ = ["init_ray", "build_tuner", "run_confirmation", "run_sweep"]
 
 logger = logging.getLogger("recipe_search")
 
@@ -72,10 +77,11 @@ def init_ray(address: Optional[str] = None) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
 
 
-def _fit_concurrency(plan: SweepPlan) -> int:
+def _fit_concurrency(plan: SweepPlan, runtime=None, trials: Optional[int] = None) -> int:
+    """Trials at once: what the cluster fits of ``runtime`` (the base recipe's), within --concurrency and the trials."""
     import ray
 
-    runtime = plan.recipe.runtime
+    runtime = runtime or plan.recipe.runtime
     cluster = ray.cluster_resources()
     need_cpu = runtime.workers * runtime.cpus_per_worker
     need_gpu = runtime.workers * runtime.gpus_per_worker
@@ -90,7 +96,7 @@ def _fit_concurrency(plan: SweepPlan) -> int:
             + f", but the Ray cluster has {cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU "
             "(lower --workers / --cpus-per-worker / --gpus-per-worker, or join a larger cluster with --address)"
         )
-    return min(fit, plan.spec.concurrency or fit, plan.spec.trials)
+    return min(fit, plan.spec.concurrency or fit, trials or plan.spec.trials)
 
 
 def _recipe_of(plan: SweepPlan):
@@ -272,16 +278,122 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         return {**(read_state(plan.sweep_dir) or {}), "interrupted": True}
     best = state.get("best")
     if best:
-        best_path = os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)
-        with open(best_path, "w") as f:
-            f.write(recipe_to_yaml(validate_recipe(best["recipe"])))
-        files = {"recipe": best_path}
+        files = {"recipe": _write_best(plan, best["recipe"])}
         checkpoint = trial_checkpoint(plan.sweep_dir, best["trial_id"]) if plan.spec.log_checkpoint else None
         if checkpoint:
             files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
         tracker.log_best(best, files)
     _report(plan, out)
     return state
+
+
+def _write_best(plan: SweepPlan, recipe: dict[str, Any]) -> str:
+    path = os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)
+    with open(path, "w") as f:
+        f.write(recipe_to_yaml(validate_recipe(recipe)))
+    return path
+
+
+def _confirm_callbacks(plan: SweepPlan, confirmation: ConfirmationPlan, out, resume: bool) -> tuple[MlflowTracking, SweepMonitor]:
+    """The confirmation's Tune callbacks: runs nested under the sweep's parent, and its own state."""
+    recipes, entries = confirmation.recipes(), {e["trial_id"]: e for e in confirmation["recipes"]}
+    base_of = _recipe_of(plan)
+
+    def recipe_of(config: dict[str, Any]):
+        return confirmation_recipe(recipes, config) if config else base_of({})
+
+    def name_of(ordinal: int, config: dict[str, Any]) -> str:
+        return f"{entries[config['confirms']]['name'].split()[0]} seed={config['runtime.seed']} (confirm)"
+
+    def tags_of(config: dict[str, Any]) -> dict[str, str]:
+        searched_run = entries[config["confirms"]].get("mlflow_run_id")
+        return {TAG_CONFIRMS: config["confirms"], TAG_SEED: str(config["runtime.seed"]), **({"recipe_search.confirms_run": searched_run} if searched_run else {})}
+
+    directory = confirm_dir(plan.sweep_dir)
+    tracker = MlflowTracking(
+        tracking_uri=plan.tracking_uri, sweep_name=plan.name, sweep_dir=directory, sweep_params={}, recipe_name=plan.space.recipe,
+        recipe_of=recipe_of, metric=plan.space.metric, mode=plan.space.mode, searched=["confirms", "runtime.seed"],
+        parent_tags=provenance_tags(_working_directory()), resumed=resume, phase="confirm",
+        parent_run_id=read_run_map(plan.sweep_dir).get("parent_run_id"), name_of=name_of, tags_of=tags_of,
+    )
+    monitor = SweepMonitor(
+        directory, f"{plan.name} confirmation", confirmation.total, plan.space.metric, plan.space.mode, recipe_of=recipe_of,
+        run_id_of=lambda trial_id: tracker.run_ids.get(trial_id), out=out, resumed=resume, ranks=False,
+    )
+    return tracker, monitor
+
+
+def _confirm_tuner(plan: SweepPlan, confirmation: ConfirmationPlan, callbacks: list, restore: bool):
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig
+
+    spec, directory, recipes = plan.spec, confirm_dir(plan.sweep_dir), confirmation.recipes()
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_confirmation_trial, recipes=recipes, train_storage=os.path.join(directory, "train"),
+            max_failures=spec.max_failures, metric=plan.space.metric, launcher=spec.launcher,
+        ),
+        ConfirmationResources(recipes, spec.launcher),
+    )
+    if restore:
+        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        tuner._local_tuner.get_run_config().callbacks = callbacks  # this driver's callbacks, not the pickled copies
+        return tuner
+    runtimes = [confirmation_recipe(recipes, {"confirms": t, "runtime.seed": 0}) for t in recipes]
+    widest = max(runtimes, key=lambda r: r.runtime.workers * r.runtime.cpus_per_worker).runtime
+    ray_train = any(uses_ray_train(r, spec.launcher) for r in runtimes)
+    return tune.Tuner(
+        trainable,
+        param_space={"confirms": tune.grid_search(list(recipes)), "runtime.seed": tune.grid_search(confirmation["seeds"])},
+        tune_config=tune.TuneConfig(
+            num_samples=1, max_concurrent_trials=_fit_concurrency(plan, widest, confirmation.total), reuse_actors=not ray_train,
+        ),
+        run_config=tune.RunConfig(
+            name=os.path.basename(directory), storage_path=plan.sweep_dir, callbacks=callbacks, verbose=0, log_to_file=True,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=0 if ray_train else spec.max_failures),
+        ),
+    )
+
+
+def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[str, Any]:
+    """Train the ``top`` recipes of the finished search ``plan`` again on ``seeds`` fresh seeds each
+    (``search.confirm``), or finish such a confirmation; return its summary (``"interrupted": true``
+    when the driver was stopped: resume continues it with its finished seeds kept)."""
+    from ray import tune
+
+    out = out or sys.stdout
+    searched = list(plan.space.params)
+    confirmation = plan_confirmation(
+        plan.sweep_dir, top, seeds, _recipe_of(plan), lambda ordinal, config: run_name(ordinal, config, [k for k in searched if k in config]),
+    )
+    directory = confirm_dir(plan.sweep_dir)
+    restore = tune.Tuner.can_restore(directory)
+    os.makedirs(os.path.join(directory, META_DIR), exist_ok=True)
+    _route_ray_logs(plan.sweep_dir)
+    init_ray(plan.spec.address)
+    tracker, monitor = _confirm_callbacks(plan, confirmation, out, resume=restore or read_state(directory) is not None)
+    names = ", ".join(e["name"].split()[0] for e in confirmation["recipes"])
+    seeds_text = ", ".join(map(str, confirmation["seeds"]))
+    print(f"\n{'resuming the confirmation' if restore else 'confirmation'} of {plan.name}: the top {len(confirmation['recipes'])} ({names}) "
+          f"on seeds {seeds_text}: {confirmation.total} runs of the full schedule", file=out)
+    out.flush()
+    interrupted = _fit(_confirm_tuner(plan, confirmation, [tracker, monitor], restore), plan.sweep_dir)
+    if interrupted or not (read_state(directory) or {}).get("finished"):
+        tracker.close_interrupted()
+        monitor.mark_interrupted()
+        return {"interrupted": True}
+    summary = confirmation_summary(plan.sweep_dir)
+    write_confirmation(plan.sweep_dir, summary)
+    winner = confirmed_recipe(plan.sweep_dir)
+    if winner is not None:
+        files = {"recipe": _write_best(plan, winner["recipe"]), "confirmation": os.path.join(plan.sweep_dir, CONFIRMATION_FILE)}
+        checkpoint = trial_checkpoint(plan.sweep_dir, winner["trial_id"]) if plan.spec.log_checkpoint else None
+        if checkpoint:
+            files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
+        tracker.log_confirmed(summary, format_confirmation(summary), files)
+    _report(plan, out)
+    return summary
 
 
 def _report(plan: SweepPlan, out) -> None:

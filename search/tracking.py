@@ -52,6 +52,10 @@ TAG_STOPPED_AT = "recipe_search.stopped_at"  # "epoch 3 of 20": where the schedu
 TAG_ERROR = "recipe_search.error"
 TAG_BEST_TRIAL = "recipe_search.best_trial"
 TAG_BEST_RUN = "recipe_search.best_run_id"
+TAG_PHASE = "recipe_search.phase"  # search, or confirm: a run of a confirmation over seeds
+TAG_CONFIRMS = "recipe_search.confirms"  # the search trial a confirmation run trains again
+TAG_SEED = "recipe_search.seed"
+PHASES = ("search", "confirm")
 # How a trial ended, as its run's outcome tag (MLflow's status says only FINISHED / FAILED / KILLED).
 OUTCOMES = ("completed", "stopped_early", "failed", "interrupted")
 _MLFLOW_BATCH = 200  # params per log_batch call (MLflow allows 100 params, 1000 metrics a batch)
@@ -151,6 +155,10 @@ class MlflowTracking(Callback):
         searched: the keys the space searches, in its order (run names and tags).
         parent_tags, parent_files: tags and ``{name: text}`` artifacts of a new parent run.
         resumed: a resumed sweep: runs of trials the restored experiment does not know are deleted.
+        phase: ``search``, or ``confirm`` for the runs of a confirmation (nested under the search's
+            parent, which ``parent_run_id`` names); a resume cleans up the runs of its own phase only.
+        name_of: the run name of ``(ordinal, config)`` [default: ordinal and leading searched values].
+        tags_of: extra tags of a trial's run, from its config.
     """
 
     def __init__(
@@ -167,6 +175,10 @@ class MlflowTracking(Callback):
         parent_tags: Optional[dict[str, str]] = None,
         parent_files: Optional[dict[str, str]] = None,
         resumed: bool = False,
+        phase: str = "search",
+        parent_run_id: Optional[str] = None,
+        name_of: Optional[Callable[[int, dict[str, Any]], str]] = None,
+        tags_of: Optional[Callable[[dict[str, Any]], dict[str, str]]] = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.sweep_name = sweep_name
@@ -179,8 +191,11 @@ class MlflowTracking(Callback):
         self.parent_tags = dict(parent_tags or {})
         self.parent_files = dict(parent_files or {})
         self.resumed = resumed
+        self.phase = phase
+        self.name_of = name_of
+        self.tags_of = tags_of or (lambda config: {})
         self.client = MlflowClient(tracking_uri)
-        self.parent_run_id: Optional[str] = None
+        self.parent_run_id: Optional[str] = parent_run_id
         self.run_ids: dict[str, str] = {}
         self.last_steps: dict[str, int] = {}
         self.best_values: dict[str, float] = {}
@@ -206,7 +221,7 @@ class MlflowTracking(Callback):
 
     def _load_map(self) -> None:
         saved = read_run_map(self.sweep_dir)  # checked: a damaged map is a one-line error
-        self.parent_run_id = saved.get("parent_run_id")
+        self.parent_run_id = saved.get("parent_run_id") or self.parent_run_id
         self.run_ids = dict(saved["trials"])
         self.last_steps = dict(saved.get("last_steps", {}))
         self.best_values = dict(saved.get("best_values", {}))
@@ -260,8 +275,8 @@ class MlflowTracking(Callback):
         )
         for run in runs:
             trial_id = run.data.tags.get(TAG_TRIAL)
-            if trial_id is None:
-                continue  # the parent
+            if trial_id is None or run.data.tags.get(TAG_PHASE, "search") != self.phase:
+                continue  # the parent, or a run of the other phase
             if trial_id not in known or self.run_ids.setdefault(trial_id, run.info.run_id) != run.info.run_id:
                 self.client.delete_run(run.info.run_id)
         for trial_id in [t for t in self.run_ids if t not in known]:
@@ -279,9 +294,11 @@ class MlflowTracking(Callback):
         searched = [k for k in self.searched if k in trial.config]
         tags = {
             "mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: trial.trial_id, TAG_SWEEP: self.sweep_name,
-            TAG_RECIPE: self.recipe_name, TAG_ORDINAL: str(ordinal), TAG_SEARCHED: ",".join(searched), **self.parent_tags,
+            TAG_RECIPE: self.recipe_name, TAG_ORDINAL: str(ordinal), TAG_SEARCHED: ",".join(searched), TAG_PHASE: self.phase,
+            **self.parent_tags, **self.tags_of(trial.config),
         }
-        run = self.client.create_run(self.experiment_id, run_name=run_name(ordinal, trial.config, searched), tags=tags)
+        name = self.name_of(ordinal, trial.config) if self.name_of else run_name(ordinal, trial.config, searched)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         self.run_ids[trial.trial_id] = run_id
         self._save_map()
@@ -369,6 +386,30 @@ class MlflowTracking(Callback):
             self.client.set_tag(self.parent_run_id, "mlflow.note.content", note)
         for path in files.values():
             self.client.log_artifact(self.parent_run_id, path, artifact_path="best")
+
+    def log_confirmed(self, summary: dict[str, Any], table: str, files: dict[str, str]) -> None:
+        """A finished confirmation on the parent run: the confirmed winner's mean, std and 95% CI
+        (``confirmed/<metric>/...``), the winner tags and description moved to it, the table,
+        and ``files`` under ``best/``."""
+        parent, winner = self.parent_run_id, next((r for r in summary["recipes"] if r["trial_id"] == summary.get("winner")), None)
+        self._log_params(parent, {"confirm.top": summary["top"], "confirm.seeds": json.dumps(summary["seeds"])})
+        self._log_text(parent, "confirmation.md", table + "\n", artifact_path="confirmation")
+        if winner is None:
+            return
+        prefix = f"confirmed/{self.metric}"
+        values = {f"{prefix}/mean": winner["mean"], f"{prefix}/std": winner["std"], f"{prefix}/seeds": float(winner["n"])}
+        if winner["ci95"]:
+            values.update({f"{prefix}/ci95_low": winner["ci95"][0], f"{prefix}/ci95_high": winner["ci95"][1]})
+        now = int(time.time() * 1000)
+        self.client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in values.items() if v is not None and math.isfinite(v)])
+        self.client.set_tag(parent, TAG_BEST_TRIAL, winner["trial_id"])
+        if winner.get("mlflow_run_id"):
+            self.client.set_tag(parent, TAG_BEST_RUN, winner["mlflow_run_id"])
+        link = f"#/experiments/{self.experiment_id}/runs/{winner.get('mlflow_run_id')}"
+        note = f"Confirmed winner: [{winner['name']}]({link}). Its recipe and checkpoint are under artifacts best/.\n\n```\n{table}\n```"
+        self.client.set_tag(parent, "mlflow.note.content", note)
+        for path in files.values():
+            self.client.log_artifact(parent, path, artifact_path="best")
 
     def close_interrupted(self) -> None:
         """The driver was interrupted: the parent and every run still open are KILLED, tagged interrupted."""

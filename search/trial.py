@@ -13,7 +13,7 @@ from typing import Any
 from spaces import Recipe, RecipeSearchError, resolve_recipe
 from trainables.report import TrialReport
 
-__all__ = ["LAUNCHERS", "run_trial", "trial_resources", "uses_ray_train"]
+__all__ = ["LAUNCHERS", "ConfirmationResources", "run_confirmation_trial", "run_trial", "trial_resources", "uses_ray_train"]
 
 # auto: Ray Train only when a trial has several workers; train: always Ray Train.
 LAUNCHERS = ("auto", "train")
@@ -103,3 +103,27 @@ def run_trial(
             train_recipe(recipe, TuneSession())
     except RecipeSearchError as err:
         tune.report(TrialReport.failure(metric, err).to_result())
+
+
+def confirmation_recipe(recipes: dict[str, dict[str, Any]], config: dict[str, Any]) -> Recipe:
+    """The recipe of a confirmation trial: the confirmed search trial's recipe on the trial's seed."""
+    return resolve_recipe(recipes[config["confirms"]], {"runtime.seed": config["runtime.seed"]})
+
+
+def run_confirmation_trial(config: dict[str, Any], *, recipes: dict[str, dict[str, Any]], metric: str, **kwargs: Any) -> None:
+    """Tune function trainable of a confirmation: ``config`` = ``{"confirms": search trial id, "runtime.seed": seed}``,
+    ``recipes`` = the confirmed trials' resolved recipes (flat keys)."""
+    run_trial({"runtime.seed": config["runtime.seed"]}, base=recipes[config["confirms"]], overrides={}, metric=metric, **kwargs)
+
+
+class ConfirmationResources:
+    """What a confirmation trial reserves, from the recipe it confirms (``tune.with_resources`` takes a callable)."""
+
+    def __init__(self, recipes: dict[str, dict[str, Any]], launcher: str = "auto") -> None:
+        self.recipes, self.launcher = recipes, launcher
+
+    def __call__(self, config: dict[str, Any]):
+        from ray.tune import PlacementGroupFactory
+
+        resources = trial_resources(confirmation_recipe(self.recipes, config), self.launcher)
+        return PlacementGroupFactory([{"CPU": 0.0, "GPU": 0.0, **resources}])
