@@ -78,6 +78,9 @@ def _launch(spec, resume: bool = False) -> None:
     from search.upstream import run_with_upstream  # Ray, Tune, MLflow: imported when a sweep runs
 
     plan = plan_sweep(spec, resume=resume)
+    if plan.spec.study == "rsb":
+        _rsb_study(plan, resume)
+        return
     started = time.time()
     state = read_state(plan.sweep_dir) if resume else None
     if state and state.get("finished"):
@@ -140,6 +143,20 @@ def _confirm(plan, top: int, seeds: int) -> None:
     if summary["winner"] is None:
         raise typer.Exit(EXIT_ALL_FAILED)
     print(f"confirmed winner's recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
+
+
+def _rsb_study(plan, resume: bool) -> None:
+    from search.study import run_rsb_study
+
+    started = time.time()
+    summary = run_rsb_study(plan, sys.stdout, resume=resume)
+    minutes = (time.time() - started) / 60
+    if summary.get("interrupted"):
+        _interrupted(plan, f"study {plan.name} interrupted after {minutes:.1f} min; its finished runs are kept.")
+    print(f"\nstudy {plan.name} done in {minutes:.1f} min")
+    print(summary["table"])
+    print(f"{plan.space.metric} vs budget: {summary['plot']} (also in MLflow: the parent run of experiment {plan.name}, artifacts study/)")
+    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
 
 
 def _report_study(plan, state: dict[str, Any]) -> None:
@@ -299,6 +316,8 @@ def _print_phase(sweep_dir: str, phase: dict[str, Any]) -> None:
 
     if phase["phase"] == "search":
         print("phase: search")
+    elif phase["phase"] == "study":
+        print(f"phase: study of seeds, {phase['done']} of {phase['total']} runs done" + (f", {phase['failed']} failed" if phase["failed"] else ""))
     elif phase["phase"] == "confirmation":
         failed = f", {phase['failed']} failed" if phase["failed"] else ""
         print(f"phase: confirmation over seeds, {phase['done']} of {phase['total']} runs done{failed}")
@@ -384,7 +403,10 @@ def spaces_(name: Optional[str] = typer.Argument(None, help="a space preset name
 
 @app.command()
 def study(
-    which: str = typer.Argument(..., metavar="STUDY", help="rethinking: scratch vs pretrained detectors (Rethinking ImageNet Pre-training)"),
+    which: str = typer.Argument(
+        ..., metavar="STUDY",
+        help="rethinking: scratch vs pretrained detectors (Rethinking ImageNet Pre-training); rsb: A1/A2/A3 over seeds (ResNet strikes back)",
+    ),
     schedules: str = typer.Option("1,2", "--schedules", help="schedule multipliers of the recipe, comma-separated"),
     fractions: str = typer.Option("1.0", "--fractions", help="training-data fractions, comma-separated (less-data study)"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="base detection recipe [default: scratch-det-digits]"),
@@ -398,14 +420,23 @@ def study(
     storage: str = StorageOption,
     tracking_uri: Optional[str] = TrackingOption,
     address: Optional[str] = AddressOption,
+    seeds: int = typer.Option(3, "--seeds", help="rsb: seeds per procedure"),
+    epochs: int = typer.Option(20, "--epochs", help="rsb: A3's epochs (A2 runs 3x, A1 6x: the paper's 100/300/600)"),
 ) -> None:
-    """Paired scratch and pretrained trials on the same data and budgets; AP-vs-iterations plot and table in MLflow."""
+    """rethinking: paired scratch and pretrained trials, AP vs iterations. rsb: A1/A2/A3 over seeds, accuracy vs budget with error bars."""
     from search.plan import SweepSpec
-    from search.study import STUDIES, rethinking_spec
+    from search.study import STUDIES, rethinking_spec, rsb_spec
 
     if which not in STUDIES:
         _fail(f"unknown study {which!r}; available: {', '.join(STUDIES)}")
     overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    if which == "rsb":
+        if recipe or pretrained or schedules != "1,2" or fractions != "1.0":
+            _fail("--recipe, --pretrained, --schedules and --fractions are options of study rethinking; rsb takes --seeds and --epochs")
+        name = name or f"rsb-{time.strftime('%Y%m%d-%H%M%S')}"
+        spec = SweepSpec(space="rsb", name=name, overrides=overrides, storage=storage, tracking_uri=tracking_uri, address=address)
+        _launch(rsb_spec(spec, seeds, epochs))
+        return
     if pretrained:
         overrides["model.pretrained"] = pretrained
     spec = SweepSpec(

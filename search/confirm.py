@@ -38,6 +38,10 @@ __all__ = [
     "format_confirmation",
     "fresh_seeds",
     "pending_confirmation",
+    "read_plan",
+    "replicate_progress",
+    "replicate_summary",
+    "write_plan",
     "plan_confirmation",
     "replicate_stats",
     "top_trials",
@@ -112,7 +116,7 @@ def plan_confirmation(sweep_dir: str, top: int, seeds: int, recipe_of, name_of) 
     """
     check_request(top, seeds)
     path = os.path.join(confirm_dir(sweep_dir), PLAN_FILE)
-    stored = _read_plan(sweep_dir)
+    stored = read_plan(confirm_dir(sweep_dir))
     if stored is not None:
         if (stored["top"], len(stored["seeds"])) != (top, seeds):
             raise SweepError(
@@ -138,6 +142,11 @@ def plan_confirmation(sweep_dir: str, top: int, seeds: int, recipe_of, name_of) 
         top=top, seeds=fresh_seeds(state, [unflatten_recipe(e["recipe"]) for e in entries], seeds),
         metric=state["metric"], mode=state["mode"], recipes=entries,
     )
+    return write_plan(confirm_dir(sweep_dir), plan)
+
+
+def write_plan(directory: str, plan: ConfirmationPlan) -> ConfirmationPlan:
+    path = os.path.join(directory, PLAN_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(plan, f, indent=1)
@@ -149,8 +158,9 @@ def unflatten_recipe(flat: dict[str, Any]) -> dict[str, Any]:
     return resolve_recipe(flat).model_dump(mode="json")
 
 
-def _read_plan(sweep_dir: str) -> Optional[ConfirmationPlan]:
-    path = os.path.join(confirm_dir(sweep_dir), PLAN_FILE)
+def read_plan(directory: str) -> Optional[ConfirmationPlan]:
+    """The plan of the replicate experiment in ``directory`` (a confirmation, or a study of seeds), or None."""
+    path = os.path.join(directory, PLAN_FILE)
     if not os.path.exists(path):
         return None
     try:
@@ -159,7 +169,7 @@ def _read_plan(sweep_dir: str) -> Optional[ConfirmationPlan]:
         plan = ConfirmationPlan(data)
         plan["recipes"][0]["recipe"], plan["seeds"][0], plan["top"]  # noqa: B018 - the keys a plan needs
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise SweepError(f"{path} is damaged ({type(err).__name__}): remove the folder {confirm_dir(sweep_dir)!r} to confirm anew") from None
+        raise SweepError(f"{path} is damaged ({type(err).__name__}): remove the folder {directory!r} to run it anew") from None
     return plan
 
 
@@ -168,7 +178,7 @@ def pending_confirmation(sweep_dir: str, top: int, seeds: int) -> Optional[tuple
     ``--confirm``/``--seeds`` (``top`` 0: none asked); None when there is none to run."""
     if read_confirmation(sweep_dir) is not None:
         return None
-    stored = _read_plan(sweep_dir)
+    stored = read_plan(confirm_dir(sweep_dir))
     if stored is not None:
         return stored["top"], len(stored["seeds"])
     return (top, seeds) if top > 0 else None
@@ -221,10 +231,14 @@ def _runs(plan: ConfirmationPlan, state: dict[str, Any], run_ids: dict[str, str]
 
 def confirmation_progress(sweep_dir: str) -> Optional[dict[str, Any]]:
     """``{"done", "total", "failed"}`` of a confirmation that has a plan, None otherwise."""
-    plan = _read_plan(sweep_dir)
+    return replicate_progress(confirm_dir(sweep_dir))
+
+
+def replicate_progress(directory: str) -> Optional[dict[str, Any]]:
+    plan = read_plan(directory)
     if plan is None:
         return None
-    state = read_state(confirm_dir(sweep_dir)) or {"trials": {}}
+    state = read_state(directory) or {"trials": {}}
     records = state["trials"].values()
     return {
         "done": sum(r["status"] in ("TERMINATED", "ERROR") for r in records),
@@ -234,15 +248,19 @@ def confirmation_progress(sweep_dir: str) -> Optional[dict[str, Any]]:
 
 
 def confirmation_summary(sweep_dir: str) -> Optional[dict[str, Any]]:
-    """The confirmation's statistics from its plan and the runs so far (None without a plan).
+    """The confirmation's statistics from its plan and the runs so far (None without a plan)."""
+    return replicate_summary(confirm_dir(sweep_dir))
+
+
+def replicate_summary(directory: str) -> Optional[dict[str, Any]]:
+    """Statistics per recipe of the replicate experiment in ``directory`` (None without a plan).
 
     A recipe whose every seed gave a result ranks before one with a failed seed (a recipe that
     diverges on a fresh seed is not confirmed by its other runs); then by mean.
     """
-    plan = _read_plan(sweep_dir)
+    plan = read_plan(directory)
     if plan is None:
         return None
-    directory = confirm_dir(sweep_dir)
     state = read_state(directory) or {"trials": {}, "finished": False}
     runs = _runs(plan, state, read_run_map(directory)["trials"])
     sign = 1 if plan["mode"] == "max" else -1

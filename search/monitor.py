@@ -65,9 +65,11 @@ class SweepMonitor(Callback):
         resumed: bool = False,
         baseline_config: Optional[dict[str, Any]] = None,
         ranks: bool = True,
+        describe: Optional[Callable[[dict[str, Any]], str]] = None,
     ) -> None:
         self.sweep_dir = sweep_dir
         self.ranks = ranks
+        self.describe = describe
         self.baseline_config = baseline_config
         self.metric = metric
         self.mode = mode
@@ -133,7 +135,7 @@ class SweepMonitor(Callback):
         resumed = record["status"] != "PENDING"
         record["status"] = "RUNNING"
         self._save()
-        sampled = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        sampled = self.describe(trial.config) if self.describe else " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
         self._print(f"trial {self._ordinal(trial)} {trial.trial_id} {'resumed' if resumed else 'started'}: {sampled or '(base recipe)'}")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:

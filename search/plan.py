@@ -59,7 +59,9 @@ class SweepSpec:
     log_checkpoint: bool = True  # the winner's final checkpoint as an MLflow artifact (best/)
     optuna_storage: Optional[str] = None  # the searcher's study: an RDB URL [default: sqlite in the sweep's folder]
     confirm: int = 0  # after the search, train the best `confirm` recipes again on `confirm_seeds` fresh seeds
-    confirm_seeds: int = 3
+    confirm_seeds: int = 3  # also the seeds of each recipe of a study of seeds
+    study: Optional[str] = None  # "rsb": a study of seeds over fixed recipes (search.study), not a search
+    study_epochs: int = 20  # rsb: A3's epochs on the embedded data; A2 runs 3x, A1 6x
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

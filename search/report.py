@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from spaces import SweepError, flatten, validate_recipe
 
-from search.layout import read_run_map, read_state
+from search.confirm import confirmation_summary, verdict
+from search.layout import read_confirmation, read_run_map, read_state
 from search.tracking import TAG_ORDINAL, TAG_OUTCOME, TAG_STOPPED_AT
 
 __all__ = ["REPORT_FILE", "TrialRow", "write_report"]
@@ -232,7 +233,25 @@ def _winner(state: dict[str, Any], rows: list[TrialRow]) -> str:
     return text
 
 
-def _html(state: dict[str, Any], rows: list[TrialRow], figures: dict[str, bytes]) -> str:
+def _confirmation(summary: Optional[dict[str, Any]]) -> str:
+    """The confirmation over seeds: each confirmed recipe's search value against its mean ± std on fresh seeds."""
+    if summary is None:
+        return ""
+    seeds = ", ".join(map(str, summary["seeds"]))
+    state = "" if summary.get("finished") else f" (running: {summary['done']} of {summary['total']} runs done)"
+    head = ["recipe", "trial", "search run", "confirmed mean", "std", "95% CI", "seed runs"]
+    lines = [f"<h2>Confirmation over seeds</h2><p class=\"muted\">The top {len(summary['recipes'])} recipes trained again on seeds {seeds}, "
+             f"full schedule, no early stopping{state}.</p><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    for r in summary["recipes"]:
+        ci = f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]" if r["ci95"] else ""
+        runs = ", ".join(f"{v:.4f}" for v in r["values"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
+        cells = [html.escape(r["name"]), html.escape(r["trial_id"]), _cell(r["search_value"]), _cell(r["mean"] if r["n"] else None), _cell(r["std"]), ci, runs]
+        lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    lines.append(f"</table><p>{html.escape(verdict(summary))}</p>" if summary["winner"] else "</table>")
+    return "".join(lines)
+
+
+def _html(state: dict[str, Any], rows: list[TrialRow], figures: dict[str, bytes], confirmation: Optional[dict[str, Any]] = None) -> str:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.outcome] = counts.get(row.outcome, 0) + 1
@@ -241,7 +260,7 @@ def _html(state: dict[str, Any], rows: list[TrialRow], figures: dict[str, bytes]
     parts = [
         f"<h1>Sweep {html.escape(state['name'])}</h1>",
         f'<p class="muted">{len(rows)} of {state["num_samples"]} trials: {summary}. Objective: {state["mode"]} {html.escape(state["metric"])}.</p>',
-        "<h2>Winner</h2>", _winner(state, rows),
+        "<h2>Winner of the search</h2>", _winner(state, rows), _confirmation(confirmation),
         "<h2>What the search learned</h2><div class=\"grid\">",
         _img("importance", figures.get("importance"), f"parameter importance (Optuna's fANOVA over the {complete} trials that ran their whole schedule)"),
         _img("history", figures.get("history"), "optimization history: each completed trial's value and the best so far"),
@@ -284,7 +303,7 @@ def write_report(sweep_dir: str, tracking_uri: str, optuna_storage: Optional[str
     figures["pareto"] = _pareto(rows, state["metric"], state["mode"])
     paths = {"report": os.path.join(sweep_dir, REPORT_FILE)}
     with open(paths["report"], "w") as f:
-        f.write(_html(state, rows, figures))
+        f.write(_html(state, rows, figures, read_confirmation(sweep_dir) or confirmation_summary(sweep_dir)))
     figure_dir = os.path.join(sweep_dir, "report")
     os.makedirs(figure_dir, exist_ok=True)
     for name, png in figures.items():

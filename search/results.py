@@ -8,7 +8,7 @@ from spaces import SweepError
 
 from trainables.report import Progress
 
-from search.confirm import confirmation_progress, confirmed_recipe
+from search.confirm import confirmation_progress, confirmed_recipe, replicate_progress
 from search.layout import count_states, read_state
 
 __all__ = ["phase", "sweep_status", "sweep_best", "trial_rows"]
@@ -23,6 +23,9 @@ def _state(sweep_dir: str) -> dict[str, Any]:
 
 def phase(sweep_dir: str, state: dict[str, Any]) -> dict[str, Any]:
     """Where the sweep is: ``{"phase": "search" | "confirmation" | "done", ...}`` (a confirmation: runs done / total)."""
+    study = replicate_progress(sweep_dir)  # a replicate plan in the sweep itself: a study of seeds
+    if study is not None:
+        return {"phase": "study", **study}
     confirmed = confirmed_recipe(sweep_dir)
     progress = confirmation_progress(sweep_dir)
     if not state.get("finished"):

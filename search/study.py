@@ -1,4 +1,4 @@
-"""Studies: fixed grids of paired trials with a report, on top of a sweep.
+"""Studies: fixed grids of paired trials with a report, on top of a sweep; and studies of seeds.
 
 ``rethinking`` reproduces the comparison of *Rethinking ImageNet Pre-training*
 on the user's detection data: the same detector from random initialization
@@ -7,6 +7,14 @@ several data fractions), every pair on the same data and budget. The report is
 box AP against iterations for both initializations (the shape of the paper's
 Figure 1) and a table of final AP, written next to the sweep and logged to the
 sweep's MLflow parent run.
+
+``rsb`` measures what *ResNet strikes back* asks to be measured: the A1, A2 and A3
+procedures, sized for the embedded digits by the rules of ``rsb-digits`` with their
+relative budgets kept (600/300/100 epochs: 6/3/1 times A3's epochs), each trained on
+S seeds. The report is accuracy against budget with mean ± std error bars, and a table
+that says whether each step up in budget is ahead beyond the noise (Welch's t-test).
+It runs as a replicate experiment (``search.sweep.run_replicates``): resumable, every
+run in MLflow under the study's parent.
 """
 
 from __future__ import annotations
@@ -17,16 +25,19 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from spaces import Param, SweepError, load_space
+from spaces import Param, Space, SweepError, flatten, load_space, resolve_recipe
 
 from trainables.report import Progress
 
+from search.confirm import ConfirmationPlan, check_request, read_plan, replicate_summary, welch, write_plan
 from search.layout import META_DIR, read_run_map
-from search.plan import SweepSpec
+from search.plan import SweepPlan, SweepSpec
 
-__all__ = ["STUDIES", "rethinking_spec", "study_report", "format_table"]
+__all__ = ["STUDIES", "format_rsb_table", "rethinking_spec", "rsb_spec", "run_rsb_study", "study_report", "format_table"]
 
-STUDIES = ("rethinking",)
+STUDIES = ("rethinking", "rsb")
+# key, label, preset, budget in units of A3's epochs, the paper's ImageNet top-1 (ResNet-50, Table 1)
+RSB_PROCEDURES = (("a1", "A1", "rsb-a1-digits", 6, 80.4), ("a2", "A2", "rsb-a2-digits", 3, 79.8), ("a3", "A3", "rsb-digits", 1, 78.1))
 PLOT_FILE = "study.png"
 TABLE_FILE = "study.md"
 RESULTS_FILE = f"{META_DIR}/study.json"
@@ -162,3 +173,104 @@ def study_report(sweep_dir: str, state: dict[str, Any], tracking_uri: str, metri
                 name = f"study/{curve['init']}_{_label(curve['multiplier'])}_data{curve['fraction']:g}/{metric.removeprefix('val/')}"
                 client.log_metric(parent, name, value)
     return {"table": table, "plot": plot_path, "table_file": table_path, "curves": curves}
+
+
+def rsb_spec(spec: SweepSpec, seeds: int, epochs: int) -> SweepSpec:
+    """The study ``rsb``: A1, A2, A3 on the embedded digits at 6, 3 and 1 times ``epochs``, each on ``seeds`` seeds."""
+    check_request(1, seeds)
+    if not 1 <= epochs <= 1000:
+        raise SweepError(f"--epochs (A3's; A2 runs 3x, A1 6x) must be 1 to 1000, but got {epochs}")
+    for key in ("schedule.epochs", "schedule.warmup_epochs", "runtime.seed"):
+        if key in spec.overrides:
+            raise SweepError(f"--set {key} fixes a key the study varies; use --epochs / --seeds")
+    space = Space(name="rsb-study", recipe="rsb-digits", params={}, description="A1/A2/A3 on the embedded digits, over seeds")
+    return replace(spec, space=space, searcher=None, scheduler="fifo", trials=1, study="rsb", study_epochs=epochs, confirm_seeds=seeds)
+
+
+def rsb_replicates(plan: SweepPlan) -> ConfirmationPlan:
+    """The recipes of the study: each procedure's preset with the user's overrides, its scaled budget,
+    and the paper's 5 warmup epochs scaled as A3's 100 epochs are (1 of 20 at the default)."""
+    epochs = plan.spec.study_epochs
+    entries = []
+    for ordinal, (key, label, preset, budget, _) in enumerate(RSB_PROCEDURES, start=1):
+        layer = {**plan.overrides, "schedule.epochs": budget * epochs, "schedule.warmup_epochs": round(5 * epochs / 100)}
+        recipe = resolve_recipe(preset, layer)
+        entries.append({
+            "trial_id": key, "ordinal": ordinal, "name": f"{label} ({budget * epochs} epochs, {preset})", "value": None,
+            "mlflow_run_id": None, "recipe": flatten(recipe.model_dump(mode="json")),
+        })
+    return ConfirmationPlan(top=len(entries), seeds=list(range(plan.spec.confirm_seeds)), metric=plan.space.metric, mode=plan.space.mode, recipes=entries)
+
+
+def format_rsb_table(summary: dict[str, Any]) -> str:
+    """Markdown: procedure, budget, the paper's number, mean ± std and 95% CI over seeds, and the step to the next budget."""
+    metric = summary["metric"]
+    rows = sorted(summary["recipes"], key=lambda r: r["trial_id"])  # a1, a2, a3: budget down
+    lines = [
+        f"| procedure | epochs | paper (ImageNet top-1) | {metric} mean ± std | 95% CI | seeds | vs the next smaller budget |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    paper = {key: top1 for key, _, _, _, top1 in RSB_PROCEDURES}
+    for row, smaller in zip(rows, rows[1:] + [None]):
+        epochs = row["name"].split("(")[1].split()[0]
+        value = f"{row['mean']:.4f} ± {row['std']:.4f}" if row["std"] is not None else (f"{row['mean']:.4f}" if row["n"] else "-")
+        ci = f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]" if row["ci95"] else "-"
+        step = "-"
+        if smaller is not None and row["n"] and smaller["n"]:
+            test = welch(row["values"], smaller["values"])
+            p = f"p={test['p']:.3g}" if test["p"] is not None else "no test"
+            step = f"{row['mean'] - smaller['mean']:+.4f} ({'beyond' if test['beyond_noise'] else 'within'} the noise, {p})"
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        lines.append(f"| {row['name'].split()[0]} | {epochs} | {paper[row['trial_id']]} | {value} | {ci} | {row['n']}{failed} | {step} |")
+    return "\n".join(lines)
+
+
+def _rsb_plot(summary: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    rows = [r for r in sorted(summary["recipes"], key=lambda r: r["trial_id"], reverse=True) if r["n"]]
+    budgets = [int(r["name"].split("(")[1].split()[0]) for r in rows]
+    for budget, row in zip(budgets, rows):
+        ax.scatter([budget] * len(row["values"]), row["values"], color="tab:gray", s=14, alpha=0.7, zorder=2)
+    ax.errorbar(budgets, [r["mean"] for r in rows], yerr=[r["std"] or 0.0 for r in rows], color="tab:blue", marker="o",
+                capsize=5, linewidth=1.5, zorder=3, label="mean ± std over seeds")
+    for budget, row in zip(budgets, rows):
+        ax.annotate(row["name"].split()[0], (budget, row["mean"]), textcoords="offset points", xytext=(8, -4))
+    ax.set_xlabel("training budget (epochs)")
+    ax.set_ylabel(summary["metric"])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_rsb_study(plan: SweepPlan, out, resume: bool = False) -> dict[str, Any]:
+    """Run (or finish) the study ``rsb`` of ``plan``; its summary with ``table`` and ``plot``, or ``{"interrupted": True}``."""
+    from search.sweep import run_replicates, write_spec
+
+    if not resume:
+        write_spec(plan)
+    replicates = read_plan(plan.sweep_dir) or write_plan(plan.sweep_dir, rsb_replicates(plan))
+    tracker, interrupted = run_replicates(plan, replicates, plan.sweep_dir, "study", out)
+    if interrupted:
+        return {"interrupted": True}
+    summary = replicate_summary(plan.sweep_dir)
+    table = format_rsb_table(summary)
+    plot_path, table_path = os.path.join(plan.sweep_dir, PLOT_FILE), os.path.join(plan.sweep_dir, TABLE_FILE)
+    _rsb_plot(summary, plot_path, f"ResNet strikes back procedures on digits ({plan.name})")
+    with open(table_path, "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(plan.sweep_dir, RESULTS_FILE), "w") as f:
+        json.dump(summary, f, indent=1)
+    for path in (plot_path, table_path):
+        tracker.client.log_artifact(tracker.parent_run_id, path, artifact_path="study")
+    for row in summary["recipes"]:
+        if row["n"]:
+            tracker.client.log_metric(tracker.parent_run_id, f"study/{row['trial_id']}/{summary['metric'].removeprefix('val/')}_mean", row["mean"])
+    return {**summary, "table": table, "plot": plot_path}

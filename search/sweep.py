@@ -34,7 +34,7 @@ from search.report import write_report
 from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, run_name
 from search.trial import ConfirmationResources, confirmation_recipe, run_confirmation_trial, run_trial, trial_resources, uses_ray_train
 
-__all__ = ["init_ray", "build_tuner", "run_confirmation", "run_sweep"]
+__all__ = ["init_ray", "build_tuner", "run_confirmation", "run_replicates", "run_sweep", "sweep_trainable", "write_spec"]
 
 logger = logging.getLogger("recipe_search")
 
@@ -106,13 +106,12 @@ def _recipe_of(plan: SweepPlan):
     return recipe_of
 
 
-def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
-    """The Ray Tune ``Tuner`` of a plan (fresh, or restored from its directory)."""
+def sweep_trainable(plan: SweepPlan):
+    """The Tune trainable of a plan's trials: ``run_trial`` on the plan's recipe, with its resources."""
     from ray import tune
-    from ray.tune import CheckpointConfig, FailureConfig
 
     spec = plan.spec
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=plan.base,
@@ -124,6 +123,15 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         ),
         trial_resources(plan.recipe, spec.launcher),
     )
+
+
+def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
+    """The Ray Tune ``Tuner`` of a plan (fresh, or restored from its directory)."""
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig
+
+    spec = plan.spec
+    trainable = sweep_trainable(plan)
     if restore:
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     searcher = None
@@ -242,6 +250,13 @@ def _fit(tuner, sweep_dir: str) -> bool:
     return False
 
 
+def write_spec(plan: SweepPlan) -> None:
+    """``sweep.json``: how the sweep was launched, what ``resume`` reads (the first file of a sweep)."""
+    os.makedirs(os.path.join(plan.sweep_dir, META_DIR), exist_ok=True)
+    with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
+        json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT}, f, indent=1)
+
+
 def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
     """Start Ray (or join it), run the sweep to its end, and return its recorded state.
 
@@ -252,10 +267,8 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
     marked KILLED and the returned state has ``"interrupted": true``.
     """
     out = out or sys.stdout
-    os.makedirs(os.path.join(plan.sweep_dir, META_DIR), exist_ok=True)
     if not resume:
-        with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
-            json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT}, f, indent=1)
+        write_spec(plan)
     _route_ray_logs(plan.sweep_dir)
     init_ray(plan.spec.address)
     tracker, monitor = _callbacks(plan, out, resume)
@@ -294,40 +307,44 @@ def _write_best(plan: SweepPlan, recipe: dict[str, Any]) -> str:
     return path
 
 
-def _confirm_callbacks(plan: SweepPlan, confirmation: ConfirmationPlan, out, resume: bool) -> tuple[MlflowTracking, SweepMonitor]:
-    """The confirmation's Tune callbacks: runs nested under the sweep's parent, and its own state."""
-    recipes, entries = confirmation.recipes(), {e["trial_id"]: e for e in confirmation["recipes"]}
+def _replicate_callbacks(plan: SweepPlan, replicates: ConfirmationPlan, directory: str, out, resume: bool, phase: str,
+                         parent_run_id: Optional[str]) -> tuple[MlflowTracking, SweepMonitor]:
+    """A replicate experiment's Tune callbacks: its runs nested under ``parent_run_id`` (a new parent when
+    None), named and tagged by the recipe they replicate and their seed; its own state in ``directory``."""
+    recipes, entries = replicates.recipes(), {e["trial_id"]: e for e in replicates["recipes"]}
     base_of = _recipe_of(plan)
 
     def recipe_of(config: dict[str, Any]):
         return confirmation_recipe(recipes, config) if config else base_of({})
 
     def name_of(ordinal: int, config: dict[str, Any]) -> str:
-        return f"{entries[config['confirms']]['name'].split()[0]} seed={config['runtime.seed']} (confirm)"
+        return f"{entries[config['confirms']]['name'].split()[0]} seed={config['runtime.seed']}" + (" (confirm)" if phase == "confirm" else "")
 
     def tags_of(config: dict[str, Any]) -> dict[str, str]:
         searched_run = entries[config["confirms"]].get("mlflow_run_id")
         return {TAG_CONFIRMS: config["confirms"], TAG_SEED: str(config["runtime.seed"]), **({"recipe_search.confirms_run": searched_run} if searched_run else {})}
 
-    directory = confirm_dir(plan.sweep_dir)
     tracker = MlflowTracking(
-        tracking_uri=plan.tracking_uri, sweep_name=plan.name, sweep_dir=directory, sweep_params={}, recipe_name=plan.space.recipe,
+        tracking_uri=plan.tracking_uri, sweep_name=plan.name, sweep_dir=directory, recipe_name=plan.space.recipe,
+        sweep_params={"study": plan.spec.study, "seeds": json.dumps(replicates["seeds"]), "recipes": ",".join(recipes)},
+        parent_files={"sweep.json": _read(os.path.join(plan.sweep_dir, SPEC_FILE))},
         recipe_of=recipe_of, metric=plan.space.metric, mode=plan.space.mode, searched=["confirms", "runtime.seed"],
-        parent_tags=provenance_tags(_working_directory()), resumed=resume, phase="confirm",
-        parent_run_id=read_run_map(plan.sweep_dir).get("parent_run_id"), name_of=name_of, tags_of=tags_of,
+        parent_tags=provenance_tags(_working_directory()), resumed=resume, phase=phase,
+        parent_run_id=parent_run_id, name_of=name_of, tags_of=tags_of,
     )
     monitor = SweepMonitor(
-        directory, f"{plan.name} confirmation", confirmation.total, plan.space.metric, plan.space.mode, recipe_of=recipe_of,
-        run_id_of=lambda trial_id: tracker.run_ids.get(trial_id), out=out, resumed=resume, ranks=False,
+        directory, plan.name if directory == plan.sweep_dir else f"{plan.name} {phase}", replicates.total, plan.space.metric,
+        plan.space.mode, recipe_of=recipe_of, run_id_of=lambda trial_id: tracker.run_ids.get(trial_id), out=out, resumed=resume, ranks=False,
+        describe=lambda config: entries[config["confirms"]]["name"] + (f" (trial {config['confirms']})" if phase == "confirm" else "") + f", seed {config['runtime.seed']}",
     )
     return tracker, monitor
 
 
-def _confirm_tuner(plan: SweepPlan, confirmation: ConfirmationPlan, callbacks: list, restore: bool):
+def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: str, callbacks: list, restore: bool):
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig
 
-    spec, directory, recipes = plan.spec, confirm_dir(plan.sweep_dir), confirmation.recipes()
+    spec, recipes = plan.spec, replicates.recipes()
     trainable = tune.with_resources(
         tune.with_parameters(
             run_confirmation_trial, recipes=recipes, train_storage=os.path.join(directory, "train"),
@@ -344,44 +361,53 @@ def _confirm_tuner(plan: SweepPlan, confirmation: ConfirmationPlan, callbacks: l
     ray_train = any(uses_ray_train(r, spec.launcher) for r in runtimes)
     return tune.Tuner(
         trainable,
-        param_space={"confirms": tune.grid_search(list(recipes)), "runtime.seed": tune.grid_search(confirmation["seeds"])},
+        param_space={"confirms": tune.grid_search(list(recipes)), "runtime.seed": tune.grid_search(replicates["seeds"])},
         tune_config=tune.TuneConfig(
-            num_samples=1, max_concurrent_trials=_fit_concurrency(plan, widest, confirmation.total), reuse_actors=not ray_train,
+            num_samples=1, max_concurrent_trials=_fit_concurrency(plan, widest, replicates.total), reuse_actors=not ray_train,
         ),
         run_config=tune.RunConfig(
-            name=os.path.basename(directory), storage_path=plan.sweep_dir, callbacks=callbacks, verbose=0, log_to_file=True,
+            name=os.path.basename(directory), storage_path=os.path.dirname(directory), callbacks=callbacks, verbose=0, log_to_file=True,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=0 if ray_train else spec.max_failures),
         ),
     )
 
 
+def run_replicates(plan: SweepPlan, replicates: ConfirmationPlan, directory: str, phase: str, out, parent_run_id: Optional[str] = None):
+    """Train each recipe of ``replicates`` on each of its seeds (full schedules, no early stopping) as the
+    Tune experiment in ``directory``, or finish it; return ``(tracker, interrupted)``."""
+    from ray import tune
+
+    restore = tune.Tuner.can_restore(directory)
+    os.makedirs(os.path.join(directory, META_DIR), exist_ok=True)
+    _route_ray_logs(plan.sweep_dir)
+    init_ray(plan.spec.address)
+    tracker, monitor = _replicate_callbacks(plan, replicates, directory, out, restore or read_state(directory) is not None, phase, parent_run_id)
+    names = ", ".join(e["name"].split()[0] for e in replicates["recipes"])
+    seeds = ", ".join(map(str, replicates["seeds"]))
+    label = {"confirm": "confirmation"}.get(phase, phase)
+    print(f"\n{'resuming the ' if restore else ''}{label} of {plan.name}: {names} on seeds {seeds}: {replicates.total} runs of the full schedule", file=out)
+    out.flush()
+    interrupted = _fit(_replicate_tuner(plan, replicates, directory, [tracker, monitor], restore), plan.sweep_dir)
+    if interrupted or not (read_state(directory) or {}).get("finished"):
+        tracker.close_interrupted()
+        monitor.mark_interrupted()
+        return tracker, True
+    return tracker, False
+
+
 def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[str, Any]:
     """Train the ``top`` recipes of the finished search ``plan`` again on ``seeds`` fresh seeds each
     (``search.confirm``), or finish such a confirmation; return its summary (``"interrupted": true``
     when the driver was stopped: resume continues it with its finished seeds kept)."""
-    from ray import tune
-
     out = out or sys.stdout
     searched = list(plan.space.params)
     confirmation = plan_confirmation(
         plan.sweep_dir, top, seeds, _recipe_of(plan), lambda ordinal, config: run_name(ordinal, config, [k for k in searched if k in config]),
     )
-    directory = confirm_dir(plan.sweep_dir)
-    restore = tune.Tuner.can_restore(directory)
-    os.makedirs(os.path.join(directory, META_DIR), exist_ok=True)
-    _route_ray_logs(plan.sweep_dir)
-    init_ray(plan.spec.address)
-    tracker, monitor = _confirm_callbacks(plan, confirmation, out, resume=restore or read_state(directory) is not None)
-    names = ", ".join(e["name"].split()[0] for e in confirmation["recipes"])
-    seeds_text = ", ".join(map(str, confirmation["seeds"]))
-    print(f"\n{'resuming the confirmation' if restore else 'confirmation'} of {plan.name}: the top {len(confirmation['recipes'])} ({names}) "
-          f"on seeds {seeds_text}: {confirmation.total} runs of the full schedule", file=out)
-    out.flush()
-    interrupted = _fit(_confirm_tuner(plan, confirmation, [tracker, monitor], restore), plan.sweep_dir)
-    if interrupted or not (read_state(directory) or {}).get("finished"):
-        tracker.close_interrupted()
-        monitor.mark_interrupted()
+    parent = read_run_map(plan.sweep_dir).get("parent_run_id")
+    tracker, interrupted = run_replicates(plan, confirmation, confirm_dir(plan.sweep_dir), "confirm", out, parent_run_id=parent)
+    if interrupted:
         return {"interrupted": True}
     summary = confirmation_summary(plan.sweep_dir)
     write_confirmation(plan.sweep_dir, summary)

@@ -52,10 +52,9 @@ TAG_STOPPED_AT = "recipe_search.stopped_at"  # "epoch 3 of 20": where the schedu
 TAG_ERROR = "recipe_search.error"
 TAG_BEST_TRIAL = "recipe_search.best_trial"
 TAG_BEST_RUN = "recipe_search.best_run_id"
-TAG_PHASE = "recipe_search.phase"  # search, or confirm: a run of a confirmation over seeds
+TAG_PHASE = "recipe_search.phase"  # search; confirm: a run of a confirmation over seeds; study: a run of a study of seeds
 TAG_CONFIRMS = "recipe_search.confirms"  # the search trial a confirmation run trains again
 TAG_SEED = "recipe_search.seed"
-PHASES = ("search", "confirm")
 # How a trial ended, as its run's outcome tag (MLflow's status says only FINISHED / FAILED / KILLED).
 OUTCOMES = ("completed", "stopped_early", "failed", "interrupted")
 _MLFLOW_BATCH = 200  # params per log_batch call (MLflow allows 100 params, 1000 metrics a batch)

@@ -88,6 +88,11 @@ RSB_DIGITS = {
     "runtime.gpus_per_worker": 0,
 }
 
+# A1 and A2 by the same rules (study rsb): the paper's LR scaled to batch 64, epochs x 20/100 (600 -> 120,
+# 300 -> 60), warmup 1 epoch; repeated augmentation off (one worker: timm refuses it, see _check_repeats).
+RSB_A1_DIGITS = {**RSB_DIGITS, "optim.lr": RSB_A1["optim.lr"] * _DIGITS_BATCH / 2048, "schedule.epochs": 120, "data.repeated_aug": 0}
+RSB_A2_DIGITS = {**RSB_A1_DIGITS, "schedule.epochs": 60}
+
 # A run of seconds on 2 CPUs, for smoke tests and benchmarks of the machinery.
 DIGITS_SMOKE = {
     "data.fraction": 0.5,
@@ -273,6 +278,8 @@ RECIPE_PRESETS: dict[str, tuple[str | None, dict[str, Any], str]] = {
     "rsb-a2": ("rsb-a1", RSB_A2, "ResNet strikes back A2: ResNet-50, 300 epochs (79.8 top-1)"),
     "rsb-a3": ("rsb-a2", RSB_A3, "ResNet strikes back A3: ResNet-50, 100 epochs at 160 px (78.1 top-1)"),
     "rsb-digits": ("rsb-a3", RSB_DIGITS, "A3 sized for the embedded digits: small timm ResNet, 32 px, 20 epochs"),
+    "rsb-a1-digits": ("rsb-a1", RSB_A1_DIGITS, "A1 sized for the embedded digits by rsb-digits' rules: 120 epochs (600 x 20/100)"),
+    "rsb-a2-digits": ("rsb-a2", RSB_A2_DIGITS, "A2 sized for the embedded digits by rsb-digits' rules: 60 epochs (300 x 20/100)"),
     "digits-smoke": ("rsb-digits", DIGITS_SMOKE, "seconds on 2 CPUs: SGD on half the digits, light augmentation (smoke tests)"),
     "bit-hyperrule": (None, BIT_HYPERRULE, "BiT-HyperRule fine-tuning of ResNet-v2 50x1 (GN+WS): schedule, resolution, mixup, LR from the data"),
     "bit-upstream-digits": ("digits-backbone", BIT_UPSTREAM_DIGITS, "tiny GN+WS ResNet-v2 trained on digits 0-4: the upstream of the transfer demo"),

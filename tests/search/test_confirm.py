@@ -186,3 +186,37 @@ def test_a_sweep_confirms_its_top_recipes_over_fresh_seeds_and_resumes_mid_confi
     assert parent.info.status == "FINISHED" and parent.data.tags["recipe_search.best_trial"] == winner
     assert parent.data.metrics["confirmed/val/top1/mean"] == pytest.approx(confirmed["mean"])
     assert parent.data.metrics["confirmed/val/top1/std"] == pytest.approx(confirmed["std"])
+
+
+@pytest.mark.slow
+def test_the_rsb_study_trains_a1_a2_a3_over_seeds_at_their_relative_budgets(ray_session, workdir):
+    """A tiny budget (A3: 1 epoch, A2: 3, A1: 6) on a quarter of the digits, 2 seeds each: runs, statistics, plot, MLflow."""
+    result = CliRunner().invoke(app, ["study", "rsb", "--name", "rsb-tiny", "--epochs", "1", "--seeds", "2", "--set", "data.fraction=0.25"])
+    assert result.exit_code == 0, result.output
+    sweep_dir = workdir / "runs" / "rsb-tiny"
+    state = read_state(str(sweep_dir))
+    records = list(state["trials"].values())
+    assert sorted((r["config"]["confirms"], r["config"]["runtime.seed"]) for r in records) == [(p, s) for p in ("a1", "a2", "a3") for s in (0, 1)]
+    budgets = {r["config"]["confirms"]: r["progress"]["total"] for r in records}
+    assert budgets == {"a1": 6, "a2": 3, "a3": 1} and all(r["progress"]["done"] == r["progress"]["total"] for r in records)
+    values = {p: [r["metrics"]["val/top1"] for r in records if r["config"]["confirms"] == p] for p in budgets}
+    table = (sweep_dir / "study.md").read_text()
+    for procedure, label in (("a1", "A1"), ("a2", "A2"), ("a3", "A3")):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert f"{statistics.mean(values[procedure]):.4f} ± {statistics.stdev(values[procedure]):.4f}" in row
+    assert "the noise" in table and table in result.output
+    assert (sweep_dir / "study.png").stat().st_size > 10_000
+    assert "phase: study of seeds, 6 of 6 runs done" in CliRunner().invoke(app, ["status", str(sweep_dir)]).output
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("rsb-tiny").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 6 and {c.data.tags["recipe_search.phase"] for c in children} == {"study"}
+    a1 = next(c for c in children if c.data.tags["recipe_search.confirms"] == "a1")
+    a3 = next(c for c in children if c.data.tags["recipe_search.confirms"] == "a3")
+    # Each procedure's own recipe, sized by rsb-digits' rules: the paper's LR x 64/2048, A1's smoothing.
+    assert float(a1.data.params["optim.lr"]) == pytest.approx(5e-3 * 64 / 2048) and a1.data.params["reg.label_smoothing"] == "0.1"
+    assert float(a3.data.params["optim.lr"]) == pytest.approx(8e-3 * 64 / 2048) and a3.data.params["reg.label_smoothing"] == "0.0"
+    assert {"study/study.png", "study/study.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert parent.data.metrics["study/a1/top1_mean"] == pytest.approx(statistics.mean(values["a1"]))
