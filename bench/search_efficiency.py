@@ -31,7 +31,7 @@ from ray import tune  # noqa: E402
 from ray.tune import Callback  # noqa: E402
 
 from search.plan import SweepSpec, plan_sweep  # noqa: E402
-from search.sweep import build_tuner, init_ray, sweep_trainable  # noqa: E402
+from search.sweep import build_tuner, init_ray, sweep_trainable, write_spec  # noqa: E402
 from spaces import define_by_run, flatten  # noqa: E402
 from trainables.report import TrialReport  # noqa: E402
 
@@ -86,6 +86,7 @@ def _stock_tuner(plan, callbacks: list, requested_grace: int):
 def run_method(method: str, root: str, seed: int, trials: int, epochs: int) -> list[tuple]:
     searcher, scheduler = {"a": ("random", "fifo"), "b": ("tpe", "asha"), "c": ("tpe", "asha")}[method]
     plan = _plan(root, f"{method}-seed{seed}", searcher, scheduler, seed, trials, epochs)
+    write_spec(plan)  # the sweep's folder, where its Optuna study is stored
     reports = Reports(plan.space.metric)
     tuner = _stock_tuner(plan, [reports], plan.spec.grace_period) if method == "b" else build_tuner(plan, [reports])
     tuner.fit()

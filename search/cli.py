@@ -72,18 +72,26 @@ EXIT_ALL_FAILED = 1  # the sweep ran, and no trial produced a result
 
 
 def _launch(spec, resume: bool = False) -> None:
-    from search.confirm import pending_confirmation
-    from search.layout import read_state
     from search.plan import plan_sweep
-    from search.upstream import run_with_upstream  # Ray, Tune, MLflow: imported when a sweep runs
+    from search.sweep import hold_lease
 
     plan = plan_sweep(spec, resume=resume)
+    with hold_lease(plan.sweep_dir):
+        _run(plan, resume)
+
+
+def _run(plan, resume: bool) -> None:
+    from search.confirm import pending_confirmation
+    from search.layout import BEST_RECIPE_FILE, read_state
+    from search.upstream import run_with_upstream  # Ray, Tune, MLflow: imported when a sweep runs
+
     if plan.spec.study == "rsb":
         _rsb_study(plan, resume)
         return
     started = time.time()
     state = read_state(plan.sweep_dir) if resume else None
-    if state and state.get("finished"):
+    ended = state and state.get("finished") and (not state.get("best") or os.path.exists(os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)))
+    if ended:  # its best recipe written, logged, reported: nothing of the search left to run
         print(f"sweep {plan.name}: its search has finished")
     else:
         state = run_with_upstream(plan, resume=resume)
@@ -97,24 +105,25 @@ def _searched(plan, state: dict[str, Any], started: float) -> None:
     """What the search phase says when it ends: its counts, the winner, or how it was stopped."""
     from search.layout import BEST_RECIPE_FILE, count_states
     from search.results import sweep_best
-    from search.study import STUDIES
+    from search.study import GRID_STUDIES
 
     best = state.get("best")
+    study = plan.spec.searcher == "grid" and plan.space.name in GRID_STUDIES
     minutes = (time.time() - started) / 60
     counts = count_states(state)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     if state.get("interrupted"):
         _interrupted(plan, f"sweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.")
     print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
-    if plan.spec.searcher == "grid" and plan.space.name in STUDIES:
+    if study:
         _report_study(plan, state)
-        return
-    if best:
+    elif best:
         print(f"best trial {best['trial_id']}: {best['metric']}={best['value']:.4f} (MLflow run {best['mlflow_run_id']})")
         _print_gain(sweep_best(plan.sweep_dir, follow_confirmation=False))
         print(recipe_to_yaml(validate_recipe(best["recipe"])).rstrip())
         print(f"best recipe written to {os.path.join(plan.sweep_dir, BEST_RECIPE_FILE)}")
-    print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+    if not study:  # the study's report says it
+        print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
     if not best:
         errors = [r["error"] for r in state["trials"].values() if r.get("error")]
         typer.echo(f"error: no trial ran its whole schedule with a result ({len(errors)} failed" + (f"; the first: {errors[0][:300]})" if errors else ")"), err=True)
@@ -157,6 +166,10 @@ def _rsb_study(plan, resume: bool) -> None:
     print(summary["table"])
     print(f"{plan.space.metric} vs budget: {summary['plot']} (also in MLflow: the parent run of experiment {plan.name}, artifacts study/)")
     print(f"compare runs in MLflow: recipe-search ui --tracking-uri {plan.tracking_uri}")
+    if not any(r["n"] for r in summary["recipes"]):
+        errors = [run["error"] for r in summary["recipes"] for run in r["runs"] if run.get("error")]
+        typer.echo("error: no run of the study gave a result" + (f"; the first error: {errors[0][:300]}" if errors else ""), err=True)
+        raise typer.Exit(EXIT_ALL_FAILED)
 
 
 def _report_study(plan, state: dict[str, Any]) -> None:
@@ -278,7 +291,14 @@ def confirm(
             _fail(f"sweep {sweep_dir!r} is confirmed already, its top {done.get('top')} over {len(done['seeds'])} seeds (recipe-search status shows it)")
         print(format_confirmation(done))
         return
-    _confirm(plan_sweep(load_sweep_spec(sweep_dir, tracking_uri), resume=True), top, seeds)
+    from search.sweep import hold_lease
+
+    spec = load_sweep_spec(sweep_dir, tracking_uri)
+    if spec.study or spec.searcher is None:
+        _fail(f"{sweep_dir!r} is {'a study of seeds' if spec.study else 'a single run'}, not a search: it has no recipes to confirm")
+    plan = plan_sweep(spec, resume=True)
+    with hold_lease(plan.sweep_dir):
+        _confirm(plan, top, seeds)
 
 
 @app.command()
@@ -321,11 +341,15 @@ def _print_phase(sweep_dir: str, phase: dict[str, Any]) -> None:
     elif phase["phase"] == "confirmation":
         failed = f", {phase['failed']} failed" if phase["failed"] else ""
         print(f"phase: confirmation over seeds, {phase['done']} of {phase['total']} runs done{failed}")
-    elif phase["confirmed"]:
-        print("phase: done, confirmed over seeds")
+        if not phase["driver"]:
+            print(f"  no driver runs it: recipe-search resume {sweep_dir}")
+    elif phase.get("confirmation"):
+        print("phase: done, " + ("confirmed over seeds" if phase["confirmed"] else "no confirmation run gave a result"))
         print(format_confirmation(read_confirmation(sweep_dir)))
-    else:
+    elif phase.get("confirmable"):
         print(f"phase: done (one seed per recipe; confirm the best: recipe-search confirm {sweep_dir} --top 3 --seeds 3)")
+    else:
+        print("phase: done")
 
 
 @app.command()
@@ -430,6 +454,8 @@ def study(
     if which not in STUDIES:
         _fail(f"unknown study {which!r}; available: {', '.join(STUDIES)}")
     overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    if which == "rethinking" and (seeds != 3 or epochs != 20):
+        _fail("--seeds and --epochs are options of study rsb; rethinking takes --schedules, --fractions, --recipe, --pretrained")
     if which == "rsb":
         if recipe or pretrained or schedules != "1,2" or fractions != "1.0":
             _fail("--recipe, --pretrained, --schedules and --fractions are options of study rethinking; rsb takes --seeds and --epochs")

@@ -274,7 +274,7 @@ def replicate_summary(directory: str) -> Optional[dict[str, Any]]:
             "runs": sorted(runs[entry["trial_id"]], key=lambda r: (r["seed"] is None, r["seed"])),
             "values": values, "failed": failed, **replicate_stats(values),
         })
-    ranked = sorted(recipes, key=lambda r: (r["failed"] > 0 or r["n"] == 0, -sign * r["mean"] if r["n"] else 0.0))
+    ranked = sorted(recipes, key=lambda r: (r["n"] == 0, r["failed"] > 0, -sign * r["mean"] if r["n"] else 0.0))
     summary: dict[str, Any] = {
         "metric": plan["metric"], "mode": plan["mode"], "top": plan["top"], "seeds": plan["seeds"],
         "finished": bool(state.get("finished")), "total": plan.total,
@@ -283,7 +283,10 @@ def replicate_summary(directory: str) -> Optional[dict[str, Any]]:
     }
     if len(ranked) > 1 and ranked[0]["n"] and ranked[1]["n"]:
         test = welch(ranked[0]["values"], ranked[1]["values"])
-        summary["runner_up"] = {"trial_id": ranked[1]["trial_id"], "difference": sign * (ranked[0]["mean"] - ranked[1]["mean"]), **test}
+        difference = sign * (ranked[0]["mean"] - ranked[1]["mean"])
+        if ranked[1]["failed"] and not ranked[0]["failed"]:  # ranked on its failed seeds, not on the means
+            test["beyond_noise"] = False
+        summary["runner_up"] = {"trial_id": ranked[1]["trial_id"], "difference": difference, "failed": ranked[1]["failed"], **test}
     return summary
 
 
@@ -333,6 +336,8 @@ def verdict(summary: dict[str, Any]) -> str:
     if runner is None:
         return text + "; no runner-up to compare with"
     other = next(r for r in summary["recipes"] if r["trial_id"] == runner["trial_id"])
+    if runner.get("failed") and not winner["failed"]:
+        return text + f"; {other['name']} ranks after it for its {runner['failed']} failed seed(s) (its mean over the others differs by {-runner['difference']:+.4f})"
     p = f"Welch's t-test p={runner['p']:.3g}" if runner["p"] is not None else "too few seeds for a test"
     if runner["beyond_noise"]:
         return text + f"; ahead of {other['name']} by {runner['difference']:+.4f}, beyond the noise ({p})"

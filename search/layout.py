@@ -27,6 +27,8 @@ __all__ = [
     "SPEC_FILE",
     "STATE_FILE",
     "best_checkpoint",
+    "check_no_driver",
+    "live_lease",
     "count_states",
     "driver_gone",
     "find_sweep",
@@ -52,6 +54,8 @@ SCHEDULER_FILE = f"{META_DIR}/asha.pkl"  # ASHA's rungs, which Tune does not res
 SWEEP_FORMAT = 2
 CONFIRM_DIR = "confirm"  # the Tune experiment of a confirmation over seeds (search.confirm)
 CONFIRMATION_FILE = f"{META_DIR}/confirmation.json"  # its result: statistics and the confirmed winner
+LEASE_FILE = f"{META_DIR}/driver.json"  # the driver running the sweep now: host, pid, heartbeat
+LEASE_TIMEOUT_S = 60.0  # a lease whose heartbeat is older is stale (its driver died without a word)
 BEST_RECIPE_FILE = "best_recipe.yaml"
 LOG_FILE = "ray.log"
 RUN_PREFIX = "run:"
@@ -110,6 +114,9 @@ def read_state(sweep_dir: str) -> Optional[dict[str, Any]]:
     for trial_id, record in (state or {}).get("trials", {}).items():
         if not isinstance(record, dict) or not isinstance(record.get("status"), str) or not isinstance(record.get("config", {}), dict):
             raise _damaged(path, f"trial {str(trial_id)[:40]!r} has no status or config")
+    for key in ("driver", "baseline"):
+        if (state or {}).get(key) is not None and not isinstance(state[key], dict):
+            raise _damaged(path, f"its {key} is a JSON {type(state[key]).__name__}, not an object")
     best = (state or {}).get("best")
     if best is not None and not (isinstance(best, dict) and isinstance(best.get("recipe"), dict) and isinstance(best.get("value"), (int, float))):
         raise _damaged(path, "its best trial has no recipe or value")
@@ -149,6 +156,40 @@ def count_states(state: dict[str, Any]) -> dict[str, int]:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
     counts["PENDING"] += max(0, state["num_samples"] - sum(counts.values()))
     return counts
+
+
+def live_lease(sweep_dir: str) -> Optional[dict[str, Any]]:
+    """The lease of a driver that runs the sweep now, or None: none, or stale (on this host: its process
+    is gone; on another: its heartbeat is older than ``LEASE_TIMEOUT_S``)."""
+    import time
+
+    try:
+        with open(os.path.join(sweep_dir, LEASE_FILE)) as f:
+            lease = json.load(f)
+        host, pid, beat = str(lease["host"]), int(lease["pid"]), float(lease["heartbeat"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: no driver can be proven to hold it
+    if host == socket.gethostname():  # its own host: alive while its process is (a paused driver too)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass
+    elif time.time() - beat > LEASE_TIMEOUT_S:
+        return None
+    return {**lease, "age_s": time.time() - beat}
+
+
+def check_no_driver(sweep_dir: str) -> None:
+    """Refuse to touch a sweep another driver runs: a second driver would write a stale experiment
+    state, relaunch live trials and, on its next resume, drop finished ones."""
+    lease = live_lease(sweep_dir)
+    if lease is not None and not (lease["host"] == socket.gethostname() and int(lease["pid"]) == os.getpid()):
+        raise SweepError(
+            f"sweep {os.path.basename(sweep_dir)!r} is being run by another driver (pid {lease['pid']} on {lease['host']}, "
+            f"alive {lease['age_s']:.0f} s ago): stop it first (Ctrl-C, or kill {lease['pid']}), then resume"
+        )
 
 
 def driver_gone(state: dict[str, Any]) -> bool:

@@ -26,7 +26,7 @@ from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
 from search.confirm import check_request
-from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, read_run_map, read_state, resolve_run
+from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, read_run_map, read_state, resolve_run
 from search.tracking import check_tracking_uri, resolve_tracking_uri
 from search.trial import LAUNCHERS
 
@@ -252,8 +252,6 @@ def _check_flags(spec: SweepSpec) -> None:
     check_names(spec.searcher or "tpe", spec.scheduler)
     if spec.confirm:
         check_request(spec.confirm, spec.confirm_seeds)
-        if spec.confirm > spec.trials:
-            raise SweepError(f"--confirm {spec.confirm} asks for more recipes than the sweep's {spec.trials} trial(s)")
 
 
 def _space_of(spec: SweepSpec) -> tuple[SweepSpec, Space]:
@@ -321,6 +319,8 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     """
     _check_flags(spec)
     spec, space = _space_of(spec)
+    if spec.confirm > spec.trials:  # after a grid set the trials to its points
+        raise SweepError(f"--confirm {spec.confirm} asks for more recipes than the sweep's {spec.trials} trial(s)")
     base = space.base_recipe()
     recipe = space.check(spec.overrides)
     _check_repeats(space, recipe)
@@ -352,7 +352,9 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
 
 
 def _check_resumable(sweep_dir: Path) -> None:
-    """Before Ray starts: the sweep's own format, and its state and run map readable (one-line errors)."""
+    """Before Ray starts: no other driver running it, the sweep's own format, and its state and run map
+    readable (one-line errors)."""
+    check_no_driver(str(sweep_dir))
     read_state(str(sweep_dir))
     read_run_map(str(sweep_dir))
     try:
@@ -383,6 +385,7 @@ def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> Sweep
         with open(os.path.join(sweep_dir, SPEC_FILE)) as f:
             data = json.load(f)
         data.pop("format", None)  # checked by plan_sweep(resume=True)
+        data["overrides"] = {**data.get("overrides", {}), **data.pop("resolved", {})}  # the checkpoints it started from
         data["storage"] = os.path.dirname(os.path.abspath(sweep_dir))
         data["name"] = os.path.basename(os.path.abspath(sweep_dir))
         if tracking_uri:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional
 
 from spaces import SweepError
@@ -9,7 +11,7 @@ from spaces import SweepError
 from trainables.report import Progress
 
 from search.confirm import confirmation_progress, confirmed_recipe, replicate_progress
-from search.layout import count_states, read_state
+from search.layout import SPEC_FILE, count_states, live_lease, read_confirmation, read_state
 
 __all__ = ["phase", "sweep_status", "sweep_best", "trial_rows"]
 
@@ -22,17 +24,32 @@ def _state(sweep_dir: str) -> dict[str, Any]:
 
 
 def phase(sweep_dir: str, state: dict[str, Any]) -> dict[str, Any]:
-    """Where the sweep is: ``{"phase": "search" | "confirmation" | "done", ...}`` (a confirmation: runs done / total)."""
+    """Where the sweep is: ``{"phase": "search" | "confirmation" | "study" | "done", ...}``: a confirmation
+    or a study with runs done / total / failed and whether a driver runs it; done: whether confirmed."""
     study = replicate_progress(sweep_dir)  # a replicate plan in the sweep itself: a study of seeds
     if study is not None:
         return {"phase": "study", **study}
-    confirmed = confirmed_recipe(sweep_dir)
-    progress = confirmation_progress(sweep_dir)
     if not state.get("finished"):
         return {"phase": "search"}
-    if progress is not None and confirmed is None:
-        return {"phase": "confirmation", **progress}
-    return {"phase": "done", "confirmed": confirmed is not None}
+    confirmation = read_confirmation(sweep_dir)
+    if confirmation is not None:
+        return {"phase": "done", "confirmed": confirmation.get("winner") is not None, "confirmation": True}
+    spec = _spec(sweep_dir)
+    progress = confirmation_progress(sweep_dir)
+    if progress is None and spec.get("confirm"):  # asked with --confirm, not started yet
+        progress = {"done": 0, "failed": 0, "total": int(spec["confirm"]) * int(spec.get("confirm_seeds", 3))}
+    if progress is not None:
+        return {"phase": "confirmation", **progress, "driver": live_lease(sweep_dir) is not None}
+    return {"phase": "done", "confirmed": False, "confirmable": spec.get("searcher") not in (None, "grid")}
+
+
+def _spec(sweep_dir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(sweep_dir, SPEC_FILE)) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def sweep_status(sweep_dir: str) -> dict[str, Any]:

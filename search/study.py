@@ -33,9 +33,10 @@ from search.confirm import ConfirmationPlan, check_request, read_plan, replicate
 from search.layout import META_DIR, read_run_map
 from search.plan import SweepPlan, SweepSpec
 
-__all__ = ["STUDIES", "format_rsb_table", "rethinking_spec", "rsb_spec", "run_rsb_study", "study_report", "format_table"]
+__all__ = ["GRID_STUDIES", "STUDIES", "format_rsb_table", "rethinking_spec", "rsb_spec", "run_rsb_study", "study_report", "format_table"]
 
 STUDIES = ("rethinking", "rsb")
+GRID_STUDIES = ("rethinking",)  # run as a grid sweep, reported by study_report
 # key, label, preset, budget in units of A3's epochs, the paper's ImageNet top-1 (ResNet-50, Table 1)
 RSB_PROCEDURES = (("a1", "A1", "rsb-a1-digits", 6, 80.4), ("a2", "A2", "rsb-a2-digits", 3, 79.8), ("a3", "A3", "rsb-digits", 1, 78.1))
 PLOT_FILE = "study.png"
@@ -193,7 +194,8 @@ def rsb_replicates(plan: SweepPlan) -> ConfirmationPlan:
     epochs = plan.spec.study_epochs
     entries = []
     for ordinal, (key, label, preset, budget, _) in enumerate(RSB_PROCEDURES, start=1):
-        layer = {**plan.overrides, "schedule.epochs": budget * epochs, "schedule.warmup_epochs": round(5 * epochs / 100)}
+        warmup = min(int(5 * epochs / 100 + 0.5), budget * epochs - 1)  # half up: 10 -> 1 (round() would give 0)
+        layer = {**plan.overrides, "schedule.epochs": budget * epochs, "schedule.warmup_epochs": warmup}
         recipe = resolve_recipe(preset, layer)
         entries.append({
             "trial_id": key, "ordinal": ordinal, "name": f"{label} ({budget * epochs} epochs, {preset})", "value": None,

@@ -13,7 +13,9 @@ import math
 import os
 import signal
 import sys
+import socket
 import threading
+import time
 from typing import Any, Optional
 
 import yaml
@@ -23,10 +25,11 @@ from trainables.report import CHECKPOINT_FILE
 
 from search.algorithms import build_scheduler, build_searcher
 from search.confirm import (
-    ConfirmationPlan, confirm_dir, confirmation_summary, confirmed_recipe, format_confirmation, plan_confirmation, write_confirmation,
+    ConfirmationPlan, confirm_dir, confirmation_summary, format_confirmation, plan_confirmation, write_confirmation,
 )
 from search.layout import (
-    BEST_RECIPE_FILE, CONFIRMATION_FILE, LOG_FILE, META_DIR, SPEC_FILE, SWEEP_FORMAT, read_run_map, read_state, trial_checkpoint,
+    BEST_RECIPE_FILE, LEASE_FILE, LOG_FILE, META_DIR, SPEC_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
+    read_state, trial_checkpoint,
 )
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
@@ -34,7 +37,7 @@ from search.report import write_report
 from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, run_name
 from search.trial import ConfirmationResources, confirmation_recipe, run_confirmation_trial, run_trial, trial_resources, uses_ray_train
 
-__all__ = ["init_ray", "build_tuner", "run_confirmation", "run_replicates", "run_sweep", "sweep_trainable", "write_spec"]
+__all__ = ["hold_lease", "init_ray", "build_tuner", "run_confirmation", "run_replicates", "run_sweep", "sweep_trainable", "write_spec"]
 
 logger = logging.getLogger("recipe_search")
 
@@ -250,11 +253,57 @@ def _fit(tuner, sweep_dir: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def hold_lease(sweep_dir: str, period_s: float = 10.0):
+    """This driver's lease on the sweep while it runs (``runs/NAME/recipe-search/driver.json``): checked
+    (another live driver: a one-line error), written, its heartbeat renewed every ``period_s`` by a
+    daemon thread, removed at the end. A driver that dies leaves a lease that goes stale: at once on
+    its own host (its process is gone), after ``LEASE_TIMEOUT_S`` elsewhere."""
+    check_no_driver(sweep_dir)
+    path = os.path.join(sweep_dir, LEASE_FILE)
+    created = not os.path.isdir(sweep_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+    def beat() -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump({**lease, "heartbeat": time.time()}, f)
+        os.replace(path + ".tmp", path)
+
+    beat()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(period_s):
+            with contextlib.suppress(OSError):  # a full disk: the next beat tries again
+                beat()
+
+    thread = threading.Thread(target=renew, name="recipe-search-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        if created and not os.path.exists(os.path.join(sweep_dir, SPEC_FILE)):  # a launch that failed first: no folder left
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))
+                os.rmdir(sweep_dir)
+
+
 def write_spec(plan: SweepPlan) -> None:
     """``sweep.json``: how the sweep was launched, what ``resume`` reads (the first file of a sweep)."""
     os.makedirs(os.path.join(plan.sweep_dir, META_DIR), exist_ok=True)
-    with open(os.path.join(plan.sweep_dir, SPEC_FILE), "w") as f:
-        json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT}, f, indent=1)
+    path = os.path.join(plan.sweep_dir, SPEC_FILE)
+    # The checkpoints model.init / model.pretrained resolved to (run:NAME follows that sweep's winner, which a
+    # later confirmation of it can change): a resume trains from the same ones.
+    resolved = {k: plan.overrides[k] for k in ("model.init", "model.pretrained") if k in plan.overrides}
+    with open(path + ".tmp", "w") as f:
+        json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT,
+                   "resolved": resolved}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
@@ -353,7 +402,8 @@ def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: s
         ConfirmationResources(recipes, spec.launcher),
     )
     if restore:
-        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        # A crashed run starts again (a recipe that fails ends TERMINATED with a failed report, not ERROR).
+        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=True)
         tuner._local_tuner.get_run_config().callbacks = callbacks  # this driver's callbacks, not the pickled copies
         return tuner
     runtimes = [confirmation_recipe(recipes, {"confirms": t, "runtime.seed": 0}) for t in recipes]
@@ -410,14 +460,14 @@ def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[st
     if interrupted:
         return {"interrupted": True}
     summary = confirmation_summary(plan.sweep_dir)
+    # confirmation.json last: once it exists the confirmation is done, and resume has nothing left to redo.
+    winner = next((r for r in summary["recipes"] if r["trial_id"] == summary["winner"]), None)
+    files = {"recipe": _write_best(plan, winner["recipe"])} if winner else {}
+    checkpoint = trial_checkpoint(plan.sweep_dir, winner["trial_id"]) if winner and plan.spec.log_checkpoint else None
+    if checkpoint:
+        files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
+    tracker.log_confirmed(summary, format_confirmation(summary), files)
     write_confirmation(plan.sweep_dir, summary)
-    winner = confirmed_recipe(plan.sweep_dir)
-    if winner is not None:
-        files = {"recipe": _write_best(plan, winner["recipe"]), "confirmation": os.path.join(plan.sweep_dir, CONFIRMATION_FILE)}
-        checkpoint = trial_checkpoint(plan.sweep_dir, winner["trial_id"]) if plan.spec.log_checkpoint else None
-        if checkpoint:
-            files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
-        tracker.log_confirmed(summary, format_confirmation(summary), files)
     _report(plan, out)
     return summary
 

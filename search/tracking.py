@@ -393,6 +393,7 @@ class MlflowTracking(Callback):
         parent, winner = self.parent_run_id, next((r for r in summary["recipes"] if r["trial_id"] == summary.get("winner")), None)
         self._log_params(parent, {"confirm.top": summary["top"], "confirm.seeds": json.dumps(summary["seeds"])})
         self._log_text(parent, "confirmation.md", table + "\n", artifact_path="confirmation")
+        self._log_text(parent, "confirmation.json", json.dumps(summary, indent=1), artifact_path="confirmation")
         if winner is None:
             return
         prefix = f"confirmed/{self.metric}"

@@ -16,7 +16,7 @@ from spaces import Recipe, Space, SweepError
 
 from search.layout import SPEC_FILE, best_checkpoint, read_state
 from search.plan import UPSTREAM_RECIPE, SweepPlan, SweepSpec, load_sweep_spec, needs_upstream, plan_sweep
-from search.sweep import run_sweep
+from search.sweep import hold_lease, run_sweep
 
 __all__ = ["run_with_upstream", "upstream_checkpoint"]
 
@@ -50,7 +50,9 @@ def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str
     )
     if resume:
         spec = load_sweep_spec(sweep_dir, tracking_uri)
-    state = run_sweep(plan_sweep(spec, resume=resume), out=out, resume=resume)
+    plan = plan_sweep(spec, resume=resume)
+    with hold_lease(plan.sweep_dir):  # two downstream launches may want the same upstream run
+        state = run_sweep(plan, out=out, resume=resume)
     if state.get("interrupted"):
         raise KeyboardInterrupt
     if not state.get("best"):

@@ -330,7 +330,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     """A preset name or a YAML file -> flat recipe keys (not yet validated)."""
     if name_or_path in RECIPE_PRESETS:
         return preset_overrides(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+    if name_or_path.endswith((".yaml", ".yml")) or (Path(name_or_path).exists() and not Path(name_or_path).is_dir()):
         return load_recipe_file(name_or_path)
     return preset_overrides(name_or_path)  # raises, listing presets
 

@@ -264,7 +264,7 @@ def load_space(name_or_path: str) -> Space:
     path = SPACES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         path = Path(name_or_path)
-        if not (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
+        if not (name_or_path.endswith((".yaml", ".yml")) or (path.exists() and not path.is_dir())):
             raise SpaceError(f"unknown space {name_or_path!r}; available: {', '.join(space_names())} (or a .yaml file)")
     return parse_space(read_yaml(path, "space", SpaceError), str(path))
 

@@ -293,6 +293,8 @@ DAMAGE = {
     "no trials": b'{"name": "s", "num_samples": 2, "metric": "val/top1", "mode": "max"}',
     "a bad record": b'{"name": "s", "trials": {"a": 3}, "num_samples": 2, "metric": "val/top1", "mode": "max"}',
     "a bad best": b'{"name": "s", "trials": {}, "num_samples": 2, "metric": "val/top1", "mode": "max", "best": {"trial_id": "a"}}',
+    "a bad driver": b'{"name": "s", "trials": {}, "num_samples": 2, "metric": "val/top1", "mode": "max", "driver": "me"}',
+    "a bad baseline": b'{"name": "s", "trials": {}, "num_samples": 2, "metric": "val/top1", "mode": "max", "baseline": [1]}',
     "a directory": None,
 }
 
@@ -322,7 +324,7 @@ def test_a_damaged_state_or_run_map_is_a_one_line_error(workdir, damage):
     with pytest.raises(SweepError, match=rf"^{sweep_dir / STATE_FILE} is damaged \(.+\): a crash or a full disk") as err:
         read_state(str(sweep_dir))
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
-    if damage not in ("no trials", "a bad record", "a bad best"):  # those are valid run maps, or not state-shaped
+    if damage not in ("no trials", "a bad record", "a bad best", "a bad driver", "a bad baseline"):  # valid run maps
         _damaged_sweep(workdir, damage, RUNS_FILE)
         with pytest.raises(SweepError, match=rf"^{sweep_dir / RUNS_FILE} is damaged"):
             read_run_map(str(sweep_dir))
@@ -338,3 +340,37 @@ def test_commands_on_a_damaged_state_fail_in_one_line_before_ray_starts(workdir,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "is damaged (not JSON" in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr and not (workdir / "runs" / "hurt" / "ray.log").exists()
+
+
+def _lease(sweep_dir, host, pid, age_s):
+    import socket
+    import time
+
+    from search.layout import LEASE_FILE
+
+    lease = {"host": host or socket.gethostname(), "pid": pid, "started": time.time() - age_s, "heartbeat": time.time() - age_s}
+    (sweep_dir / LEASE_FILE).write_text(json.dumps(lease))
+
+
+def test_a_sweep_another_live_driver_runs_is_refused_before_anything_starts(workdir):
+    """A second driver on a running sweep would relaunch its live trials and drop finished ones on the next resume."""
+    sweep_dir = _damaged_sweep(workdir, "a bad driver", "recipe-search/unused.json")  # a sweep with no state yet
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    cases = [
+        (None, os.getpid(), 2, True),  # this host, a live process (the test's own), fresh heartbeat
+        ("another-host", 12345, 5, True),  # another host, heartbeat 5 s ago: alive as far as anyone can tell
+        ("another-host", 12345, 600, False),  # heartbeat 10 minutes ago: stale
+        (None, int(dead), 2, False),  # this host, its process gone: stale at once
+    ]
+    (sweep_dir / "recipe-search" / "sweep.json").write_text(
+        (sweep_dir / "recipe-search" / "sweep.json").read_text().replace('"format": 2', '"format": 1')
+    )  # past the lease, resume stops at the format check: nothing starts either way
+    for host, pid, age, refused in cases:
+        _lease(sweep_dir, host, pid, age)
+        for command in (["resume", "hurt"], ["confirm", "hurt", "--top", "2", "--seeds", "2"]):
+            result = run([*command, "--storage", str(workdir / "runs")], workdir)
+            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+            if refused:
+                assert f"is being run by another driver (pid {pid} on {host or ''}" in result.stderr, result.stderr
+            else:
+                assert "another version of recipe-search" in result.stderr, result.stderr

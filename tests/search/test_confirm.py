@@ -81,6 +81,38 @@ def test_verdict_reads_within_or_beyond_the_noise():
     assert "within the noise" in verdict(summary([0.95, 0.90, 0.97], [0.93, 0.96, 0.89]))
 
 
+def _replicates(tmp_path, mode, results):
+    """A confirmation's plan and state on disk: ``results`` = {trial: [value, or None for a failed seed]}."""
+    from search.confirm import ConfirmationPlan, write_plan
+    from spaces import flatten, resolve_recipe
+
+    recipe = flatten(resolve_recipe("digits-smoke").model_dump(mode="json"))
+    entries = [{"trial_id": t, "ordinal": i, "name": f"t0{i} {t}", "value": 0.5, "mlflow_run_id": None, "recipe": recipe}
+               for i, t in enumerate(results, start=1)]
+    write_plan(str(tmp_path), ConfirmationPlan(top=len(entries), seeds=[1, 2, 3], metric="val/loss", mode=mode, recipes=entries))
+    trials = {}
+    for t, values in results.items():
+        for seed, value in enumerate(values, start=1):
+            record = {"status": "TERMINATED", "stopped_early": False, "config": {"confirms": t, "runtime.seed": seed}, "metrics": {"val/loss": value}}
+            if value is None:
+                record = {"status": "ERROR", "error": "diverged", "config": record["config"]}
+            trials[f"{t}-{seed}"] = record
+    (tmp_path / "recipe-search" / "state.json").write_text(json.dumps(
+        {"name": "c", "metric": "val/loss", "mode": mode, "num_samples": len(trials), "trials": trials, "finished": True}))
+    from search.confirm import replicate_summary
+
+    return replicate_summary(str(tmp_path))
+
+
+def test_a_recipe_with_a_failed_seed_ranks_after_those_without_and_no_result_ranks_last(tmp_path):
+    summary = _replicates(tmp_path, "min", {"none": [None, None, None], "b": [0.30, 0.32, None], "c": [0.40, 0.41, 0.42]})
+    assert [r["trial_id"] for r in summary["recipes"]] == ["c", "b", "none"] and summary["winner"] == "c"
+    text = verdict(summary)
+    assert "ranks after it for its 1 failed seed(s)" in text and "beyond the noise" not in text
+    summary = _replicates(tmp_path, "min", {"none": [None, None, None], "b": [0.30, 0.32, None], "c": [0.40, None, 0.42]})
+    assert summary["winner"] == "b"  # both have a failed seed: the lower loss wins, an empty recipe never does
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
