@@ -266,12 +266,13 @@ def replicate_summary(directory: str) -> Optional[dict[str, Any]]:
     sign = 1 if plan["mode"] == "max" else -1
     recipes = []
     for entry in plan["recipes"]:
-        values = [run["value"] for run in runs[entry["trial_id"]] if run["value"] is not None]
+        runs[entry["trial_id"]].sort(key=lambda r: (r["seed"] is None, r["seed"]))
+        values = [run["value"] for run in runs[entry["trial_id"]] if run["value"] is not None]  # in seed order
         failed = sum(run["status"] == "ERROR" or (run["status"] == "TERMINATED" and run["value"] is None) for run in runs[entry["trial_id"]])
         recipes.append({
             "trial_id": entry["trial_id"], "name": entry["name"], "search_value": entry["value"],
             "mlflow_run_id": entry["mlflow_run_id"], "recipe": unflatten_recipe(entry["recipe"]),
-            "runs": sorted(runs[entry["trial_id"]], key=lambda r: (r["seed"] is None, r["seed"])),
+            "runs": runs[entry["trial_id"]],
             "values": values, "failed": failed, **replicate_stats(values),
         })
     ranked = sorted(recipes, key=lambda r: (r["n"] == 0, r["failed"] > 0, -sign * r["mean"] if r["n"] else 0.0))

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from spaces import DataError, Recipe, Space, SweepError, check_keys, load_space
 from spaces.hyperrule import hyperrule, hyperrule_keys
 from spaces.recipe import PRETRAINED
+from spaces.errors import short
 from spaces.space import DEFAULT_METRICS
 from trainables.report import Unit
 
@@ -35,6 +36,7 @@ __all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "load_sweep_spec", "needs_ups
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # The classification recipe whose run becomes the pretrained backbone of a detection sweep on digits-det.
 UPSTREAM_RECIPE = "digits-backbone"
+MAX_TRIALS = 100_000  # Tune keeps every trial in its experiment state, and the driver its record
 
 
 @dataclass
@@ -202,6 +204,22 @@ def _checked_data(recipe: Recipe) -> Optional[str]:
     return os.path.abspath(recipe.data.name)
 
 
+def _check_model_and_data(recipe: Recipe) -> None:
+    """What a trial would only find when it starts: a timm model that does not exist, classes or shots the
+    data does not have, a single class, a batch larger than the training set."""
+    if recipe.task != "classification":
+        return
+    import timm
+
+    if not timm.is_model(recipe.model.name):
+        close = timm.list_models(f"*{recipe.model.name.split('_')[0][:12]}*")[:5]
+        raise SweepError(f"model.name {short(recipe.model.name)}: timm has no such model" + (f" (similar: {', '.join(close)})" if close else ""))
+    from trainables.data import check_training_set
+
+    runtime = recipe.runtime
+    check_training_set(recipe.data, runtime.seed, recipe.optim.batch_size, runtime.workers, recipe.schedule.iterations is None)
+
+
 def needs_upstream(space: Space, recipe: Recipe) -> bool:
     """Whether a detection sweep may load ``model.pretrained`` on digits-det and none is given:
     then an upstream classification run on digits provides it (``search.upstream``)."""
@@ -236,13 +254,34 @@ def _checked_checkpoints(space: Space, recipe: Recipe, storage: str) -> dict[str
             continue
         if not os.path.exists(path):
             raise SweepError(f"{key}: checkpoint {path!r} does not exist")
+        _check_checkpoint_file(key, path)
         fixed[key] = os.path.abspath(path)
     return fixed
 
 
+def _check_checkpoint_file(key: str, path: str) -> None:
+    """The first bytes of a checkpoint: a torch file (zip or pickle), safetensors, or BiT's .npz (zip);
+    a run's checkpoint directory holds one. Anything else (a text file, an image) fails before Ray starts."""
+    from trainables.report import CHECKPOINT_FILE
+
+    file = os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+    try:
+        with open(file, "rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        raise SweepError(f"{key}: {path!r} is not a checkpoint ({err.strerror}: {file!r})") from None
+    safetensors = len(head) > 8 and head[8:9] == b"{"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or safetensors):
+        raise SweepError(f"{key}: {path!r} is not a checkpoint (not a PyTorch, safetensors or .npz file, nor a run's checkpoint directory)")
+
+
 def _check_flags(spec: SweepSpec) -> None:
-    if spec.trials < 1:
-        raise SweepError(f"--trials must be at least 1, but got {spec.trials}")
+    if not 1 <= spec.trials <= MAX_TRIALS:
+        raise SweepError(f"--trials must be 1 to {MAX_TRIALS}, but got {spec.trials}")
+    if spec.seed < 0:
+        raise SweepError(f"--seed (the searcher's) must be >= 0, but got {spec.seed}")
+    if spec.name is not None and not spec.name:
+        raise SweepError("--name must not be empty (leave it out for SPACE-TIME)")
     if spec.concurrency is not None and spec.concurrency < 1:
         raise SweepError(f"--concurrency must be at least 1, but got {spec.concurrency}")
     if spec.launcher not in LAUNCHERS:
@@ -312,6 +351,26 @@ def _check_services(spec: SweepSpec) -> str:
     return tracking_uri
 
 
+def _check_local_resources(address: Optional[str], recipe: Recipe) -> None:
+    """A local Ray gets this machine's CPUs and GPUs: a trial that needs more could never start."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's resources are checked when the driver has joined it
+    runtime = recipe.runtime
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    need = runtime.workers * runtime.cpus_per_worker
+    if need > cpus:
+        raise SweepError(
+            f"a trial needs {runtime.workers} worker(s) x {runtime.cpus_per_worker:g} CPU = {need:g} CPU, but this machine has {cpus} "
+            "(lower --workers / --cpus-per-worker, or join a cluster with --address)"
+        )
+    if runtime.gpus_per_worker:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if runtime.workers * runtime.gpus_per_worker > gpus:
+            raise SweepError(f"a trial needs {runtime.workers} worker(s) x {runtime.gpus_per_worker:g} GPU, but this machine has {gpus} GPU")
+
+
 def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     """Validate a sweep without side effects; raise a ``RecipeSearchError`` naming what is wrong.
 
@@ -327,6 +386,7 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     if space.metric is None:
         space = space.model_copy(update={"metric": DEFAULT_METRICS[recipe.task]})
     data_root = _checked_data(recipe)
+    _check_model_and_data(recipe)
     if getattr(recipe.schedule, "hyperrule", None):
         # Under the user's --set, over the preset: the sampled keys then move around the rule's values.
         derived = {k: v for k, v in _hyperrule_keys(recipe).items() if k not in spec.overrides}
@@ -341,6 +401,7 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     if resume:
         _check_resumable(storage_root / name)
     spec = replace(spec, optuna_storage=_optuna_storage(spec, storage_root / name, name, resume))
+    _check_local_resources(spec.address, recipe)
     tracking_uri = _check_services(spec)
     max_epochs = _max_epochs(space, recipe)
     grace, note = fair_grace(space, recipe, spec.grace_period, max_epochs)

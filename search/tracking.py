@@ -447,6 +447,55 @@ def check_tracking_uri(uri: str) -> None:
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise SweepError(f"MLflow tracking URI {uri!r} does not answer: {getattr(err, 'reason', err)}") from None
     elif uri.startswith("sqlite:///"):
-        directory = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        path = uri[len("sqlite:///"):]
+        directory = os.path.dirname(path) or "."
+        if os.path.isdir(path):
+            raise SweepError(f"MLflow tracking URI {uri!r}: {path!r} is a directory, not a database file")
         if not os.access(directory, os.W_OK):
             raise SweepError(f"MLflow tracking URI {uri!r}: cannot write in {directory!r}")
+    elif "://" in uri:
+        _check_database_uri(uri)
+
+
+# SQLAlchemy's dialect+driver -> the module it imports, and the package that provides it.
+_DB_DRIVERS = {
+    "postgresql": ("psycopg2", "psycopg2-binary"), "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"), "mysql": ("MySQLdb", "mysqlclient"),
+    "mysql+pymysql": ("pymysql", "pymysql"), "mssql+pyodbc": ("pyodbc", "pyodbc"),
+}
+
+
+def _check_database_uri(uri: str) -> None:
+    """A database tracking URI: a scheme MLflow stores runs in, its Python driver installed, its server answering."""
+    import importlib.util
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("file", "databricks", "databricks-uc", "uc"):
+        return
+    if scheme not in _DB_DRIVERS:
+        raise SweepError(
+            f"MLflow tracking URI {short_uri(uri)}: unknown scheme {scheme!r} (sqlite:///PATH, http(s)://HOST, "
+            f"a folder, or a database: {', '.join(sorted(_DB_DRIVERS))})"
+        )
+    module, package = _DB_DRIVERS[scheme]
+    if importlib.util.find_spec(module) is None:
+        raise SweepError(f"MLflow tracking URI {short_uri(uri)} needs the Python driver {module!r}: pip install {package}")
+    try:
+        port = parts.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme.split("+")[0]]
+        with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=5):
+            pass
+    except (OSError, ValueError) as err:
+        raise SweepError(f"MLflow tracking URI {short_uri(uri)}: the database server does not answer ({err})") from None
+
+
+def short_uri(uri: str) -> str:
+    """A URI as an error message quotes it: without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.password:
+        uri = uri.replace(f":{parts.password}@", ":***@", 1)
+    return repr(uri[:200])

@@ -16,6 +16,7 @@ it does not apply, so dumps, MLflow params and ``best -o`` show what a run used.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
@@ -33,6 +34,8 @@ from pydantic import (
 
 from spaces.errors import RecipeError, short
 from spaces.optimizers import optimizer_names, takes_momentum
+
+_RAND_AUGMENT = re.compile(r"rand-m\d+(\.\d+)?(-(mstd|mmax|inc|m|n|p|w)\d+(\.\d+)?)*")  # timm's RandAugment config
 
 __all__ = [
     "TASKS",
@@ -223,8 +226,12 @@ class ClassificationData(DataConfig):
     @field_validator("rand_augment")
     @classmethod
     def _rand_augment_string(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.startswith("rand-m"):
-            raise ValueError(f"must be a timm RandAugment string such as 'rand-m7-mstd0.5-inc1' or null, but got {short(value)}")
+        # timm skips a section it cannot read ("rand-mgarbage" would be RandAugment at its defaults): refuse it here.
+        if value is not None and not _RAND_AUGMENT.fullmatch(value):
+            raise ValueError(
+                "must be a timm RandAugment string such as 'rand-m7-mstd0.5-inc1' (sections m, n, mstd, mmax, inc, p, w "
+                f"with a number) or null, but got {short(value)}"
+            )
         return value
 
     @field_validator("scale")

@@ -36,6 +36,7 @@ __all__ = [
     "build_datasets",
     "summarize_classification_data",
     "check_image_folder",
+    "check_training_set",
     "collate_readable",
     "stratified_subset",
 ]
@@ -208,6 +209,16 @@ def build_datasets(cfg: ClassificationData, seed: int, train_transform: Callable
         train = Subset(train, keep)
         targets = [targets[i] for i in keep]
     return Datasets(train=train, val=val, num_classes=num_classes, train_targets=targets)
+
+
+def check_training_set(cfg: ClassificationData, seed: int, batch_size: int, workers: int, epochs: bool) -> None:
+    """Before a trial starts: the classes and shots a recipe names exist, there are at least two classes,
+    and (epoch schedules) a worker's batch fits in the training set; ``DataError`` naming what is wrong."""
+    data = build_datasets(cfg, seed, None, None)  # raises on classes or shots the data does not have
+    if data.num_classes < 2:
+        raise DataError(f"dataset {cfg.name!r} gives {data.num_classes} class: a classifier needs at least 2 (data.classes, or the class folders)")
+    if epochs and batch_size // workers > len(data.train):
+        raise DataError(f"optim.batch_size {batch_size} exceeds the {len(data.train)} training images of {cfg.name!r} (per worker {batch_size // workers})")
 
 
 DIGITS_SIZE = 8  # the bundled digits are 8 x 8 pixels

@@ -62,7 +62,7 @@ def test_recipes_set_overrides(workdir):
 BAD_INPUT = [
     (["sweep", "nope"], "unknown space 'nope'; available: bit, det, rethinking, rsb"),
     (["sweep", "--recipe", "nope"], "unknown recipe 'nope'"),
-    (["sweep", "--trials", "0"], "--trials must be at least 1, but got 0"),
+    (["sweep", "--trials", "0"], "--trials must be 1 to 100000, but got 0"),
     (["sweep", "--workers", "0"], "runtime.workers"),
     (["sweep", "--searcher", "bayes"], "unknown searcher 'bayes'; available: tpe, grid, random, cmaes"),
     (["sweep", "--searcher", "grid"], "searcher grid takes choice params without when/format, but optim.lr is loguniform"),
@@ -374,3 +374,55 @@ def test_a_sweep_another_live_driver_runs_is_refused_before_anything_starts(work
                 assert f"is being run by another driver (pid {pid} on {host or ''}" in result.stderr, result.stderr
             else:
                 assert "another version of recipe-search" in result.stderr, result.stderr
+
+
+def _one_class_folder(root):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (root / split / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / split / "only" / "x.png")
+    return str(root)
+
+
+BAD_INPUTS = [
+    ({"overrides": {"model.name": "resnet_nope"}}, "model.name 'resnet_nope': timm has no such model"),
+    ({"overrides": {"model.init": "TEXT"}}, "is not a checkpoint (not a PyTorch, safetensors or .npz file"),
+    ({"overrides": {"optim.batch_size": 100000}}, "optim.batch_size 100000 exceeds the 1437 training images"),
+    ({"overrides": {"data.classes": [0, 1, 99]}}, "names class 99, but the dataset has classes 0..9"),
+    ({"overrides": {"data.shots_per_class": 100000}}, "fewer than shots=100000"),
+    ({"overrides": {"data.classes": [3]}}, "gives 1 class: a classifier needs at least 2"),
+    ({"overrides": {"data.name": "ONE_CLASS"}}, "gives 1 class: a classifier needs at least 2"),
+    ({"overrides": {"runtime.workers": 64}}, "64 CPU, but this machine has"),
+    ({"overrides": {"runtime.gpus_per_worker": 1}}, "GPU, but this machine has 0 GPU"),
+    ({"space": "digits-smoke-lr", "overrides": {"data.rand_augment": "rand-mgarbage"}}, "must be a timm RandAugment string"),
+    ({"seed": -1}, "--seed (the searcher's) must be >= 0"),
+    ({"trials": 1_000_000_000}, "--trials must be 1 to 100000"),
+    ({"name": ""}, "--name must not be empty"),
+    ({"tracking_uri": "bogus://x"}, "unknown scheme 'bogus'"),
+    ({"tracking_uri": "sqlite:///DIR"}, "is a directory, not a database file"),
+    ({"tracking_uri": "postgresql://me:secret@127.0.0.1:1/db"}, "postgresql://me:***@127.0.0.1:1/db' needs the Python driver 'psycopg2'"),
+    ({"confirm": 2, "confirm_seeds": 1}, "--seeds must be 2 to 100"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
+def test_bad_input_a_trial_would_meet_is_refused_before_ray_in_one_line(workdir, args, message):
+    """Inputs that used to fail only inside the trials (or never): refused while planning, nothing written."""
+    from search.plan import SweepSpec, plan_sweep
+    from spaces import RecipeSearchError, parse_space
+
+    if args.get("overrides", {}).get("runtime.gpus_per_worker") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (workdir / "notes.txt").write_text("not weights")
+    fill = {"TEXT": str(workdir / "notes.txt"), "ONE_CLASS": _one_class_folder(workdir / "one") if "ONE_CLASS" in str(args) else ""}
+    args = json.loads(json.dumps(args).replace("sqlite:///DIR", f"sqlite:///{workdir}"))
+    args["overrides"] = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in args.get("overrides", {}).items()}
+    space = args.pop("space", None)
+    if space:  # a space that does not search the key the case sets
+        args["space"] = parse_space({"name": space, "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [0.1, 0.01]}}}, "test")
+    spec = SweepSpec(**{"space": "rsb", "name": "bad", "storage": str(workdir / "runs"), **args})
+    with pytest.raises(RecipeSearchError) as err:
+        plan_sweep(spec)
+    assert message in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 400, str(err.value)
+    assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()
