@@ -401,7 +401,8 @@ BAD_INPUTS = [
     ({"name": ""}, "--name must not be empty"),
     ({"tracking_uri": "bogus://x"}, "unknown scheme 'bogus'"),
     ({"tracking_uri": "sqlite:///DIR"}, "is a directory, not a database file"),
-    ({"tracking_uri": "postgresql://me:secret@127.0.0.1:1/db"}, "postgresql://me:***@127.0.0.1:1/db' needs the Python driver 'psycopg2'"),
+    ({"tracking_uri": "postgresql://me:secret@127.0.0.1:1/db"}, "postgresql://me:***@127.0.0.1:1/db': the database server does not answer"),
+    ({"tracking_uri": "mysql://me:secret@127.0.0.1:1/db"}, "needs the Python driver 'MySQLdb': pip install mysqlclient"),
     ({"confirm": 2, "confirm_seeds": 1}, "--seeds must be 2 to 100"),
 ]
 
