@@ -528,6 +528,8 @@ def ui(
     from search.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: MLflow's UI has no login: anyone who reaches {host}:{port} can read and change these runs", err=True)
     print(f"MLflow UI for {uri} on http://{host}:{port}", flush=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 

@@ -11,9 +11,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
-import sys
 import socket
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -28,7 +29,7 @@ from search.confirm import (
     ConfirmationPlan, confirm_dir, confirmation_summary, format_confirmation, plan_confirmation, write_confirmation,
 )
 from search.layout import (
-    BEST_RECIPE_FILE, LEASE_FILE, LOG_FILE, META_DIR, SPEC_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
+    BEST_RECIPE_FILE, LEASE_FILE, LOG_FILE, META_DIR, SPEC_FILE, STATE_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
     read_state, trial_checkpoint,
 )
 from search.monitor import SweepMonitor
@@ -75,7 +76,10 @@ def init_ray(address: Optional[str] = None) -> None:
     if address and address != "local":
         # Nodes of a remote cluster may not have this project installed: ship it.
         modules = [os.path.dirname(m.__file__) for m in (spaces, trainables, search)]
-        ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": modules}, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": modules}, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as err:  # not a Ray head, a token it refused, another version
+            raise SweepError(f"the Ray cluster at {address!r} did not take this driver: {str(err).strip().splitlines()[0][:300]}") from None
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
 
@@ -280,17 +284,21 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
 
     thread = threading.Thread(target=renew, name="recipe-search-lease", daemon=True)
     thread.start()
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         stop.set()
         thread.join(timeout=5)
         with contextlib.suppress(OSError):
             os.remove(path)
-        if created and not os.path.exists(os.path.join(sweep_dir, SPEC_FILE)):  # a launch that failed first: no folder left
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(path))
-                os.rmdir(sweep_dir)
+        # A launch that failed before its first trial started (Ray did not start, the cluster refused it) leaves
+        # no folder: its name stays free. Once a trial started, the sweep is kept for resume.
+        if created and (failed or not os.path.exists(os.path.join(sweep_dir, SPEC_FILE))) and not os.path.exists(os.path.join(sweep_dir, STATE_FILE)):
+            shutil.rmtree(sweep_dir, ignore_errors=True)
 
 
 def write_spec(plan: SweepPlan) -> None:

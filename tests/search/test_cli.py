@@ -427,3 +427,22 @@ def test_bad_input_a_trial_would_meet_is_refused_before_ray_in_one_line(workdir,
         plan_sweep(spec)
     assert message in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 400, str(err.value)
     assert not (workdir / "runs").exists() and not (workdir / "mlflow.db").exists()
+
+
+def test_a_launch_that_fails_before_its_first_trial_leaves_its_name_free(tmp_path):
+    from search.layout import LEASE_FILE, SPEC_FILE, STATE_FILE, live_lease
+    from search.sweep import hold_lease
+
+    sweep = tmp_path / "runs" / "s"
+    with pytest.raises(RuntimeError):
+        with hold_lease(str(sweep)):
+            (sweep / SPEC_FILE).write_text("{}")
+            assert live_lease(str(sweep))["pid"] == os.getpid()
+            raise RuntimeError("the cluster refused the driver")
+    assert not sweep.exists()  # the next launch may take the name
+    with pytest.raises(RuntimeError):
+        with hold_lease(str(sweep)):
+            (sweep / SPEC_FILE).write_text("{}")
+            (sweep / STATE_FILE).write_text("{}")  # a trial started: the sweep is kept, to resume
+            raise RuntimeError("lost the head node")
+    assert (sweep / SPEC_FILE).exists() and not (sweep / LEASE_FILE).exists() and live_lease(str(sweep)) is None
