@@ -552,6 +552,10 @@ def _known(value: Any, ids: Any) -> bool:
     return not isinstance(value, (list, dict)) and value in ids
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_gt(path: Path, data: Any, iou_type: str) -> None:
     where = str(path)
     if not isinstance(data, dict):
@@ -580,6 +584,9 @@ def _check_gt(path: Path, data: Any, iou_type: str) -> None:
             raise DataError(
                 f"{where}: annotations[{i}] names category_id {ann['category_id']!r}, which is not in categories"
             )
+        box = ann.get("bbox")
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box) and box[2] >= 0 and box[3] >= 0):
+            raise DataError(f"{where}: annotations[{i}] has bbox {str(box)[:80]}; a box is [x, y, width, height] with width, height >= 0")
 
 
 def _check_detections(path: Path, dets: Any, gt: dict[str, Any], iou_type: str) -> None:

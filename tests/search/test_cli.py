@@ -161,7 +161,11 @@ def test_coco_eval_malformed_files_fail_in_one_line(workdir, coco_files):
     (workdir / "unknown_image.json").write_text(json.dumps([{"image_id": 999999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
     (workdir / "no_bbox.json").write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 0.5}]))
     (workdir / "gt_without_images.json").write_text(json.dumps({"annotations": [], "categories": []}))
+    ground_truth = json.loads((workdir / gt).read_text() if not os.path.isabs(gt) else open(gt).read())
+    ground_truth["annotations"][0]["bbox"][2] = -5.0
+    (workdir / "negative_width.json").write_text(json.dumps(ground_truth))
     cases = [
+        (["negative_width.json", dets], "annotations[0] has bbox [" ),
         ([gt, "missing.json"], "missing.json"),
         ([gt, "not.json"], "not.json"),
         ([gt, "unknown_image.json"], "unknown_image.json"),
