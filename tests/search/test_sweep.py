@@ -324,15 +324,14 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
         time.sleep(0.5)
     else:
         pytest.fail("no trial finished in time")
-    if signal_name == "SIGINT":  # a second driver on the running sweep is refused, and changes nothing
-        before = read_state(sweep_dir)["trials"].keys()
-        second = subprocess.run([sys.executable, "-m", "search.cli", "resume", sweep_dir], env={**os.environ, "PYTHONPATH": root},
-                                capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and f"is being run by another driver (pid {driver.pid} on " in second.stderr, second.stderr
-        assert read_state(sweep_dir)["trials"].keys() >= before
     if signal_name == "SIGKILL":  # what a user reads while the sweep runs (its driver paused meanwhile, then killed)
         driver.send_signal(signal.SIGSTOP)
         paused = read_state(sweep_dir)
+        # A second driver on the running sweep is refused before it changes anything.
+        second = subprocess.run([sys.executable, "-m", "search.cli", "resume", sweep_dir], env={**os.environ, "PYTHONPATH": root},
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"is being run by another driver (pid {driver.pid} on " in second.stderr, second.stderr
+        assert read_state(sweep_dir) == paused
         shown = subprocess.run([sys.executable, "-m", "search.cli", "report", sweep_dir], env={**os.environ, "PYTHONPATH": root},
                                capture_output=True, text=True, timeout=180)
         assert shown.returncode == 0 and shown.stderr.strip() == "", shown.stderr

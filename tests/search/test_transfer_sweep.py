@@ -65,7 +65,7 @@ def test_hyperrule_is_derived_from_an_image_folder_at_launch(workdir):
             folder.mkdir(parents=True)
             for i in range(count):
                 Image.new("RGB", (200, 150), (i * 40, 10, 10)).save(folder / f"{i}.png")
-    spec = SweepSpec(space="bit", recipe="bit-hyperrule", overrides={"data.name": str(workdir / "data"), "optim.batch_size": 8, "runtime.workers": 1, "runtime.gpus_per_worker": 0}, storage=str(workdir / "runs"))
+    spec = SweepSpec(space="bit", recipe="bit-hyperrule", overrides={"data.name": str(workdir / "data"), "optim.batch_size": 8, "runtime.workers": 1, "runtime.cpus_per_worker": 1, "runtime.gpus_per_worker": 0}, storage=str(workdir / "runs"))
     recipe = plan_sweep(spec).recipe
     # 12 images of 200x150 (173 px): the 500-step schedule, 448 -> 384 crops, no mixup, LR 0.003 x 8 / 512.
     assert (recipe.schedule.iterations, recipe.schedule.steps, recipe.schedule.warmup_iters) == (500, [200, 300, 400], 100)
