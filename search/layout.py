@@ -6,6 +6,7 @@ and the launch (``search.sweep``) write. No other module of ``search`` is import
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,9 @@ __all__ = [
     "best_checkpoint",
     "check_no_driver",
     "live_lease",
+    "release_lease",
+    "renew_lease",
+    "take_lease",
     "count_states",
     "driver_gone",
     "find_sweep",
@@ -190,6 +194,79 @@ def check_no_driver(sweep_dir: str) -> None:
             f"sweep {os.path.basename(sweep_dir)!r} is being run by another driver (pid {lease['pid']} on {lease['host']}, "
             f"alive {lease['age_s']:.0f} s ago): stop it first (Ctrl-C, or kill {lease['pid']}), then resume"
         )
+
+
+def _same_lease(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> bool:
+    keys = ("host", "pid", "started", "heartbeat")
+    return a is not None and b is not None and all(a.get(k) == b.get(k) for k in keys)
+
+
+def _read_lease(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path) as f:
+            lease = json.load(f)
+        return lease if isinstance(lease, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def take_lease(sweep_dir: str, lease: dict[str, Any]) -> None:
+    """Write ``lease`` as the sweep's driver lease, atomically against other drivers doing the same:
+    created with a hard link (fails if one exists, also on NFS), a stale one moved aside by a rename
+    that only one driver can win. Raises ``SweepError`` naming the live holder."""
+    path = os.path.join(sweep_dir, LEASE_FILE)
+    mine = f"{path}.{socket.gethostname()}.{os.getpid()}"
+    with open(mine + ".tmp", "w") as f:
+        json.dump(lease, f)
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine + ".tmp", path)
+                return
+            except FileExistsError:
+                pass
+            seen = _read_lease(path)
+            check_no_driver(sweep_dir)  # a live holder: one line naming it
+            try:  # stale: move it aside; of two drivers doing this, one rename finds the file gone
+                os.rename(path, mine + ".stale")
+            except FileNotFoundError:
+                continue
+            moved = _read_lease(mine + ".stale")
+            if seen is not None and not _same_lease(moved, seen):  # a live lease taken in between: put it back
+                with contextlib.suppress(OSError):
+                    os.link(mine + ".stale", path)
+                check_no_driver(sweep_dir)
+            with contextlib.suppress(OSError):
+                os.remove(mine + ".stale")
+        raise SweepError(f"sweep {os.path.basename(sweep_dir)!r}: other drivers are taking it at the same moment; try again")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(mine + ".tmp")
+
+
+def renew_lease(sweep_dir: str, lease: dict[str, Any]) -> bool:
+    """Renew this driver's heartbeat; False (and nothing written) when the lease is no longer its own
+    (another driver took it over as stale)."""
+    import time
+
+    path = os.path.join(sweep_dir, LEASE_FILE)
+    current = _read_lease(path)
+    if current is None or any(current.get(k) != lease.get(k) for k in ("host", "pid", "started")):
+        return False
+    mine = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
+        json.dump({**lease, "heartbeat": time.time()}, f)
+    os.replace(mine, path)
+    return True
+
+
+def release_lease(sweep_dir: str, lease: dict[str, Any]) -> None:
+    """Remove the lease if it is still this driver's."""
+    path = os.path.join(sweep_dir, LEASE_FILE)
+    current = _read_lease(path)
+    if current is not None and all(current.get(k) == lease.get(k) for k in ("host", "pid", "started")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def driver_gone(state: dict[str, Any]) -> bool:

@@ -29,8 +29,8 @@ from search.confirm import (
     ConfirmationPlan, confirm_dir, confirmation_summary, format_confirmation, plan_confirmation, write_confirmation,
 )
 from search.layout import (
-    BEST_RECIPE_FILE, LEASE_FILE, LOG_FILE, META_DIR, SPEC_FILE, STATE_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
-    read_state, trial_checkpoint,
+    BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, STATE_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
+    read_state, release_lease, renew_lease, take_lease, trial_checkpoint,
 )
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
@@ -264,23 +264,26 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
     daemon thread, removed at the end. A driver that dies leaves a lease that goes stale: at once on
     its own host (its process is gone), after ``LEASE_TIMEOUT_S`` elsewhere."""
     check_no_driver(sweep_dir)
-    path = os.path.join(sweep_dir, LEASE_FILE)
     created = not os.path.isdir(sweep_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-
-    def beat() -> None:
-        with open(path + ".tmp", "w") as f:
-            json.dump({**lease, "heartbeat": time.time()}, f)
-        os.replace(path + ".tmp", path)
-
-    beat()
+    os.makedirs(os.path.join(sweep_dir, META_DIR), exist_ok=True)
+    now = time.time()
+    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now}
+    try:
+        take_lease(sweep_dir, lease)
+    except BaseException:
+        if created:
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        raise
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(period_s):
-            with contextlib.suppress(OSError):  # a full disk: the next beat tries again
-                beat()
+            try:
+                if not renew_lease(sweep_dir, lease):
+                    logger.warning("sweep %s: another driver took over this sweep's lease; this driver no longer holds it", sweep_dir)
+                    return
+            except OSError:  # a full disk: the next beat tries again
+                pass
 
     thread = threading.Thread(target=renew, name="recipe-search-lease", daemon=True)
     thread.start()
@@ -293,8 +296,7 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
     finally:
         stop.set()
         thread.join(timeout=5)
-        with contextlib.suppress(OSError):
-            os.remove(path)
+        release_lease(sweep_dir, lease)
         # A launch that failed before its first trial started (Ray did not start, the cluster refused it) leaves
         # no folder: its name stays free. Once a trial started, the sweep is kept for resume.
         if created and (failed or not os.path.exists(os.path.join(sweep_dir, SPEC_FILE))) and not os.path.exists(os.path.join(sweep_dir, STATE_FILE)):

@@ -450,3 +450,45 @@ def test_a_launch_that_fails_before_its_first_trial_leaves_its_name_free(tmp_pat
             (sweep / STATE_FILE).write_text("{}")  # a trial started: the sweep is kept, to resume
             raise RuntimeError("lost the head node")
     assert (sweep / SPEC_FILE).exists() and not (sweep / LEASE_FILE).exists() and live_lease(str(sweep)) is None
+
+
+RACE = """
+import os, sys, time
+from search.sweep import hold_lease
+from spaces import SweepError
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+try:
+    with hold_lease(sys.argv[1]):
+        while not os.path.exists(sys.argv[3]):  # held until every other driver has tried
+            time.sleep(0.1)
+    print("held")
+except SweepError as err:
+    print("refused", err)
+"""
+
+
+@pytest.mark.parametrize("before", ["no lease", "a stale lease"])
+def test_drivers_launched_at_the_same_instant_get_the_lease_once(workdir, before):
+    """Taking the lease is atomic: of six drivers started in the same instant, one runs the sweep."""
+    import time
+
+    sweep_dir = workdir / "runs" / "race"
+    (sweep_dir / "recipe-search").mkdir(parents=True)
+    (sweep_dir / "recipe-search" / "state.json").write_text("{}")  # a sweep that exists (kept after the race)
+    if before == "a stale lease":
+        _lease(sweep_dir, "another-host", 4242, 600)
+    start, release = time.time() + 8, workdir / "release"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    drivers = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(sweep_dir), str(start), str(release)], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    deadline = time.time() + 90
+    while sum(d.poll() is not None for d in drivers) < 5 and time.time() < deadline:
+        time.sleep(0.2)
+    release.write_text("")
+    outputs = [d.communicate(timeout=60)[0] for d in drivers]
+    assert sum(o.startswith("held") for o in outputs) == 1, outputs
+    assert all(o.startswith("refused") and "is being run by another driver" in o for o in outputs if not o.startswith("held")), outputs
+    assert sorted(os.listdir(sweep_dir / "recipe-search")) == ["state.json"]  # the lease released, no leftovers
