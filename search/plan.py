@@ -118,6 +118,17 @@ def _check_address(address: str) -> None:
             pass
     except (OSError, ValueError) as err:
         raise SweepError(f"Ray address {address!r} does not answer: {err}") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # a TLS cluster: the handshake below would need its certificates
+    import grpc  # Ray's GCS and its client server speak gRPC: a port that takes TCP but not HTTP/2 is something else
+
+    channel = grpc.insecure_channel(f"{host or '127.0.0.1'}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=5)
+    except grpc.FutureTimeoutError:
+        raise SweepError(f"Ray address {address!r} takes connections but is not Ray (no gRPC answer in 5 s)") from None
+    finally:
+        channel.close()
 
 
 def _check_no_local_ray() -> None:

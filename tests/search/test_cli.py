@@ -492,3 +492,21 @@ def test_drivers_launched_at_the_same_instant_get_the_lease_once(workdir, before
     assert sum(o.startswith("held") for o in outputs) == 1, outputs
     assert all(o.startswith("refused") and "is being run by another driver" in o for o in outputs if not o.startswith("held")), outputs
     assert sorted(os.listdir(sweep_dir / "recipe-search")) == ["state.json"]  # the lease released, no leftovers
+
+
+def test_an_address_that_takes_tcp_but_is_not_ray_is_one_line_within_seconds(workdir):
+    """Such an address used to hang ``ray.init`` for minutes, or end in an 85-line traceback."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    threading.Thread(target=lambda: [server.accept() for _ in range(100)], daemon=True).start()  # takes, never answers
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    started = time.monotonic()
+    result = run(["sweep", "--address", address, "--trials", "1"], workdir)
+    assert result.returncode == 2 and result.stderr == f"error: Ray address {address!r} takes connections but is not Ray (no gRPC answer in 5 s)\n"
+    assert time.monotonic() - started < 60 and os.listdir(workdir) == []
+    server.close()
