@@ -217,8 +217,37 @@ def check_training_set(cfg: ClassificationData, seed: int, batch_size: int, work
     data = build_datasets(cfg, seed, None, None)  # raises on classes or shots the data does not have
     if data.num_classes < 2:
         raise DataError(f"dataset {cfg.name!r} gives {data.num_classes} class: a classifier needs at least 2 (data.classes, or the class folders)")
+    for split, dataset in (("train", data.train), ("val", data.val)):
+        _check_decodes(cfg.name, split, dataset)
     if epochs and batch_size // workers > len(data.train):
         raise DataError(f"optim.batch_size {batch_size} exceeds the {len(data.train)} training images of {cfg.name!r} (per worker {batch_size // workers})")
+
+
+DECODE_SAMPLE = 16  # images of each split decoded before a sweep starts
+
+
+def _check_decodes(name: str, split: str, dataset: Dataset) -> None:
+    """Decode ``DECODE_SAMPLE`` images spread over an ImageFolder split, as its loader will: a folder of text
+    files or truncated images fails here, in one line, rather than in every trial. Two or more unreadable
+    images, over ``MAX_UNREADABLE_FRACTION`` of the sample, are refused (a trial would fail past that share)."""
+    ids, inner = _sample_ids(dataset), dataset
+    while isinstance(inner, (Subset, Relabelled)):
+        inner = inner.dataset
+    if not isinstance(inner, ImageFolder) or not ids:
+        return
+    step = max(1, len(ids) // DECODE_SAMPLE)
+    sample = [os.path.join(inner.root, path) for path in ids[::step][:DECODE_SAMPLE]]
+    errors = []
+    for path in sample:
+        try:
+            inner.loader(path)
+        except (OSError, ValueError, SyntaxError) as err:
+            errors.append(f"{path!r}: {str(err)[:120]}")
+    if len(errors) >= 2 and len(errors) > MAX_UNREADABLE_FRACTION * len(sample):
+        raise DataError(
+            f"dataset {name!r}: {len(errors)} of {len(sample)} sampled images in {split}/ cannot be decoded "
+            f"(first: {errors[0]}); a trial fails past {MAX_UNREADABLE_FRACTION:.0%} unreadable"
+        )
 
 
 DIGITS_SIZE = 8  # the bundled digits are 8 x 8 pixels

@@ -389,12 +389,31 @@ def _one_class_folder(root):
     return str(root)
 
 
+def _broken_folder(root, damage):
+    """An ImageFolder whose images are text files, or PNGs cut in half."""
+    import io
+
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                png = io.BytesIO()
+                Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png, format="PNG")
+                data = b"not an image\n" if damage == "text" else png.getvalue()[: len(png.getvalue()) * 2 // 3]
+                (root / split / label / f"{i}.png").write_bytes(data)
+    return str(root)
+
+
 BAD_INPUTS = [
     ({"overrides": {"model.name": "resnet_nope"}}, "model.name 'resnet_nope': timm has no such model"),
     ({"overrides": {"model.init": "TEXT"}}, "is not a checkpoint (not a PyTorch, safetensors or .npz file"),
     ({"overrides": {"optim.batch_size": 100000}}, "optim.batch_size 100000 exceeds the 1437 training images"),
     ({"overrides": {"data.classes": [0, 1, 99]}}, "names class 99, but the dataset has classes 0..9"),
     ({"overrides": {"data.shots_per_class": 100000}}, "fewer than shots=100000"),
+    ({"overrides": {"data.name": "TEXT_IMAGES"}}, "8 of 8 sampled images in train/ cannot be decoded (first: "),
+    ({"overrides": {"data.name": "TRUNCATED"}}, "image file is truncated"),
     ({"overrides": {"data.classes": [3]}}, "gives 1 class: a classifier needs at least 2"),
     ({"overrides": {"data.name": "ONE_CLASS"}}, "gives 1 class: a classifier needs at least 2"),
     ({"overrides": {"runtime.workers": 64}}, "64 CPU, but this machine has"),
@@ -420,7 +439,12 @@ def test_bad_input_a_trial_would_meet_is_refused_before_ray_in_one_line(workdir,
     if args.get("overrides", {}).get("runtime.gpus_per_worker") and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
     (workdir / "notes.txt").write_text("not weights")
-    fill = {"TEXT": str(workdir / "notes.txt"), "ONE_CLASS": _one_class_folder(workdir / "one") if "ONE_CLASS" in str(args) else ""}
+    fill = {
+        "TEXT": str(workdir / "notes.txt"),
+        "ONE_CLASS": _one_class_folder(workdir / "one") if "ONE_CLASS" in str(args) else "",
+        "TEXT_IMAGES": _broken_folder(workdir / "text", "text") if "TEXT_IMAGES" in str(args) else "",
+        "TRUNCATED": _broken_folder(workdir / "cut", "truncated") if "TRUNCATED" in str(args) else "",
+    }
     args = json.loads(json.dumps(args).replace("sqlite:///DIR", f"sqlite:///{workdir}"))
     args["overrides"] = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in args.get("overrides", {}).items()}
     space = args.pop("space", None)
