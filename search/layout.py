@@ -29,6 +29,7 @@ __all__ = [
     "STATE_FILE",
     "best_checkpoint",
     "check_no_driver",
+    "check_private",
     "live_lease",
     "release_lease",
     "renew_lease",
@@ -267,6 +268,34 @@ def release_lease(sweep_dir: str, lease: dict[str, Any]) -> None:
     if current is not None and all(current.get(k) == lease.get(k) for k in ("host", "pid", "started")):
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+def check_private(sweep_dir: str) -> None:
+    """Refuse to resume from a sweep folder others can change: resume unpickles Tune's ``tuner.pkl``,
+    experiment state and searcher, and this project's scheduler, and whoever can write those files runs
+    code as the user who resumes. Checked: the folders that hold them, and the files, are this user's
+    and writable by no one else."""
+    import glob
+
+    folders = [sweep_dir, os.path.join(sweep_dir, META_DIR), os.path.join(sweep_dir, CONFIRM_DIR), os.path.join(sweep_dir, CONFIRM_DIR, META_DIR)]
+    paths = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            paths.append(folder)
+            for pattern in ("*.pkl", "*-state-*.json", "*_state-*.json"):
+                paths.extend(sorted(glob.glob(os.path.join(folder, pattern))))
+    for path in paths:
+        info = os.lstat(path)
+        if info.st_uid != os.getuid():
+            raise SweepError(
+                f"refusing to resume: {path!r} belongs to another user (uid {info.st_uid}); resume unpickles this sweep's "
+                "state, which runs code as you: resume it as its owner, or copy the folder you trust and resume the copy"
+            )
+        if info.st_mode & 0o022:
+            raise SweepError(
+                f"refusing to resume: {path!r} is writable by other users (mode {info.st_mode & 0o777:o}); resume unpickles "
+                f"this sweep's state, so whoever can write there can run code as you; if you trust them: chmod -R go-w {sweep_dir!r}"
+            )
 
 
 def driver_gone(state: dict[str, Any]) -> bool:

@@ -27,7 +27,7 @@ from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
 from search.confirm import check_request
-from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, read_run_map, read_state, resolve_run
+from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, check_private, read_run_map, read_state, resolve_run
 from search.tracking import check_tracking_uri, resolve_tracking_uri
 from search.trial import LAUNCHERS
 
@@ -425,8 +425,9 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
 
 def _check_resumable(sweep_dir: Path) -> None:
     """Before Ray starts: no other driver running it, the sweep's own format, and its state and run map
-    readable (one-line errors)."""
+    readable, its pickles in folders no one else can write (one-line errors)."""
     check_no_driver(str(sweep_dir))
+    check_private(str(sweep_dir))
     read_state(str(sweep_dir))
     read_run_map(str(sweep_dir))
     try:

@@ -264,6 +264,10 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
     daemon thread, removed at the end. A driver that dies leaves a lease that goes stale: at once on
     its own host (its process is gone), after ``LEASE_TIMEOUT_S`` elsewhere."""
     check_no_driver(sweep_dir)
+    # Files the sweep writes are writable by this user alone, whatever the umask: resume refuses to unpickle
+    # from folders others can write (layout.check_private).
+    umask = os.umask(0o022)
+    os.umask(umask | 0o022)
     created = not os.path.isdir(sweep_dir)
     os.makedirs(os.path.join(sweep_dir, META_DIR), exist_ok=True)
     now = time.time()
@@ -271,6 +275,7 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
     try:
         take_lease(sweep_dir, lease)
     except BaseException:
+        os.umask(umask)
         if created:
             shutil.rmtree(sweep_dir, ignore_errors=True)
         raise
@@ -297,6 +302,7 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
         stop.set()
         thread.join(timeout=5)
         release_lease(sweep_dir, lease)
+        os.umask(umask)
         # A launch that failed before its first trial started (Ray did not start, the cluster refused it) leaves
         # no folder: its name stays free. Once a trial started, the sweep is kept for resume.
         if created and (failed or not os.path.exists(os.path.join(sweep_dir, SPEC_FILE))) and not os.path.exists(os.path.join(sweep_dir, STATE_FILE)):

@@ -92,6 +92,7 @@ BAD_INPUT = [
     (["recipes", "nope"], "unknown recipe 'nope'"),
     (["status", "nope"], "no sweep 'nope'"),
     (["best", "nope"], "no sweep 'nope'"),
+    (["ui", "--host", "0.0.0.0"], "--host '0.0.0.0' serves the tracking store to other machines, and MLflow's UI has no login"),
 ]
 
 
@@ -534,3 +535,32 @@ def test_an_address_that_takes_tcp_but_is_not_ray_is_one_line_within_seconds(wor
     assert result.returncode == 2 and result.stderr == f"error: Ray address {address!r} takes connections but is not Ray (no gRPC answer in 5 s)\n"
     assert time.monotonic() - started < 60 and os.listdir(workdir) == []
     server.close()
+
+
+def test_resume_refuses_to_unpickle_from_a_folder_others_can_write(workdir):
+    """Resume loads Tune's and the searcher's pickles from the sweep folder: on shared storage, whoever can
+    write them could run code as the user who resumes."""
+    from search.layout import STATE_FILE
+
+    sweep_dir = _damaged_sweep(workdir, "a bad driver", STATE_FILE)  # past this check: "is damaged"
+    os.chmod(sweep_dir, 0o755)
+    os.chmod(sweep_dir / "recipe-search", 0o755)
+    pickle = sweep_dir / "tuner.pkl"
+    pickle.write_bytes(b"\x80\x04N.")
+    cases = [
+        (sweep_dir, 0o775, f"{str(sweep_dir)!r} is writable by other users (mode 775)"),
+        (pickle, 0o646, f"{str(pickle)!r} is writable by other users (mode 646)"),
+        (pickle, 0o644, "is damaged"),
+    ]
+    for path, mode, message in cases:
+        os.chmod(path, mode)
+        commands = [["resume", "hurt"]] + [["confirm", "hurt", "--top", "2", "--seeds", "2"]] * (path == sweep_dir)
+        for command in commands:
+            result = run([*command, "--storage", str(workdir / "runs")], workdir)
+            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+        os.chmod(path, 0o755)
+    if os.getuid() == 0:  # another user's file: only root can make one here
+        os.chmod(pickle, 0o644)
+        os.chown(pickle, 65534, 65534)
+        result = run(["resume", "hurt", "--storage", str(workdir / "runs")], workdir)
+        assert result.returncode == 2 and f"{str(pickle)!r} belongs to another user (uid 65534)" in result.stderr, result.stderr
