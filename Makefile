@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,postgres,mysql]"
 	touch $(STAMP)
 
 # A sweep of space `rsb` on recipe `rsb-digits` at 12 epochs: 12 trials, TPE + ASHA, then the top 3

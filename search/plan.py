@@ -28,7 +28,7 @@ from trainables.report import Unit
 from search.algorithms import check_names, grid_points
 from search.confirm import check_request
 from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, check_private, read_run_map, read_state, resolve_run
-from search.tracking import check_tracking_uri, resolve_tracking_uri
+from search.tracking import check_tracking_uri, database_url, resolve_tracking_uri
 from search.trial import LAUNCHERS
 
 __all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "load_sweep_spec", "needs_upstream", "UPSTREAM_RECIPE"]
@@ -335,7 +335,7 @@ def _optuna_storage(spec: SweepSpec, sweep_dir: Path, name: str, resume: bool) -
     """The RDB URL of the searcher's Optuna study (study name = sweep name); a new sweep may not reuse a study."""
     if spec.searcher is None:
         return None
-    url = spec.optuna_storage or f"sqlite:///{sweep_dir / OPTUNA_FILE}"
+    url = database_url(spec.optuna_storage or f"sqlite:///{sweep_dir / OPTUNA_FILE}")
     if not url.startswith(("sqlite:///", "postgresql", "mysql")):
         raise SweepError(f"--optuna-storage takes an RDB URL (sqlite:///PATH, postgresql://..., mysql://...), but got {url!r}")
     if spec.optuna_storage and not resume:

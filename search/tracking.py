@@ -130,7 +130,20 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # Make the relative default absolute: the driver may chdir, and the UI needs the same file.
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    return uri
+    return database_url(uri)
+
+
+def database_url(url: str) -> str:
+    """A database URL as users write it, in the form SQLAlchemy loads with the drivers the install extras
+    bring: ``postgres://`` is ``postgresql://`` (psycopg2, ``recipe-search[postgres]``); ``mysql://`` is
+    ``mysql+pymysql://`` (``recipe-search[mysql]``) unless mysqlclient's ``MySQLdb`` is installed."""
+    import importlib.util
+
+    if url.startswith("postgres://"):
+        return "postgresql://" + url[len("postgres://"):]
+    if url.startswith("mysql://") and importlib.util.find_spec("MySQLdb") is None and importlib.util.find_spec("pymysql") is not None:
+        return "mysql+pymysql://" + url[len("mysql://"):]
+    return url
 
 
 class MlflowTracking(Callback):
@@ -457,12 +470,13 @@ def check_tracking_uri(uri: str) -> None:
         _check_database_uri(uri)
 
 
-# SQLAlchemy's dialect+driver -> the module it imports, and the package that provides it.
+# SQLAlchemy's driver name -> the module it imports, and what installs it.
 _DB_DRIVERS = {
-    "postgresql": ("psycopg2", "psycopg2-binary"), "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
-    "postgresql+psycopg": ("psycopg", "psycopg[binary]"), "mysql": ("MySQLdb", "mysqlclient"),
-    "mysql+pymysql": ("pymysql", "pymysql"), "mssql+pyodbc": ("pyodbc", "pyodbc"),
+    "psycopg": ("psycopg", "'recipe-search[postgres]'"), "psycopg2": ("psycopg2", "'recipe-search[postgres]'"),
+    "pymysql": ("pymysql", "'recipe-search[mysql]'"), "mysqldb": ("MySQLdb", "'recipe-search[mysql]' and write mysql+pymysql://"),
+    "pyodbc": ("pyodbc", "pyodbc"),
 }
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
 def _check_database_uri(uri: str) -> None:
@@ -471,20 +485,27 @@ def _check_database_uri(uri: str) -> None:
     import socket
     from urllib.parse import urlsplit
 
+    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme in ("file", "databricks", "databricks-uc", "uc"):
         return
-    if scheme not in _DB_DRIVERS:
+    try:
+        driver = make_url(uri).get_dialect().driver if scheme.split("+")[0] in _DB_PORTS else None
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        driver = None
+    if driver not in _DB_DRIVERS:
         raise SweepError(
-            f"MLflow tracking URI {short_uri(uri)}: unknown scheme {scheme!r} (sqlite:///PATH, http(s)://HOST, "
-            f"a folder, or a database: {', '.join(sorted(_DB_DRIVERS))})"
+            f"MLflow tracking URI {short_uri(uri)}: unknown scheme {scheme!r} (sqlite:///PATH, http(s)://HOST, a folder, "
+            "or a database: postgresql://, postgresql+psycopg2://, mysql://, mysql+pymysql://, mssql+pyodbc://)"
         )
-    module, package = _DB_DRIVERS[scheme]
+    module, package = _DB_DRIVERS[driver]
     if importlib.util.find_spec(module) is None:
         raise SweepError(f"MLflow tracking URI {short_uri(uri)} needs the Python driver {module!r}: pip install {package}")
     try:
-        port = parts.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme.split("+")[0]]
+        port = parts.port or _DB_PORTS[scheme.split("+")[0]]
         with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=5):
             pass
     except (OSError, ValueError) as err:

@@ -426,7 +426,8 @@ BAD_INPUTS = [
     ({"tracking_uri": "bogus://x"}, "unknown scheme 'bogus'"),
     ({"tracking_uri": "sqlite:///DIR"}, "is a directory, not a database file"),
     ({"tracking_uri": "postgresql://me:secret@127.0.0.1:1/db"}, "postgresql://me:***@127.0.0.1:1/db': the database server does not answer"),
-    ({"tracking_uri": "mysql://me:secret@127.0.0.1:1/db"}, "needs the Python driver 'MySQLdb': pip install mysqlclient"),
+    ({"tracking_uri": "mysql://me:secret@127.0.0.1:1/db"}, "mysql+pymysql://me:***@127.0.0.1:1/db': the database server does not answer"),
+    ({"tracking_uri": "mssql+pyodbc://me:secret@127.0.0.1:1/db"}, "needs the Python driver 'pyodbc': pip install pyodbc"),
     ({"confirm": 2, "confirm_seeds": 1}, "--seeds must be 2 to 100"),
 ]
 
@@ -564,3 +565,25 @@ def test_resume_refuses_to_unpickle_from_a_folder_others_can_write(workdir):
         os.chown(pickle, 65534, 65534)
         result = run(["resume", "hurt", "--storage", str(workdir / "runs")], workdir)
         assert result.returncode == 2 and f"{str(pickle)!r} belongs to another user (uid 65534)" in result.stderr, result.stderr
+
+
+def test_database_uris_as_users_write_them_and_a_missing_driver_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from search.tracking import check_tracking_uri, resolve_tracking_uri
+    from spaces import SweepError
+
+    assert resolve_tracking_uri("postgres://me@db:5432/runs") == "postgresql://me@db:5432/runs"
+    assert resolve_tracking_uri("mysql://me@db/runs") == "mysql+pymysql://me@db/runs"  # the [mysql] extra's driver
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in ("psycopg", "psycopg2", "pymysql", "MySQLdb") else find_spec(name, *args))
+    cases = [
+        ("postgresql://me:pw@127.0.0.1:1/runs", "'psycopg': pip install 'recipe-search[postgres]'"),
+        ("postgresql+psycopg2://me:pw@127.0.0.1:1/runs", "'psycopg2': pip install 'recipe-search[postgres]'"),
+        ("mysql://me:pw@127.0.0.1:1/runs", "'MySQLdb': pip install 'recipe-search[mysql]' and write mysql+pymysql://"),
+        ("mysql+pymysql://me:pw@127.0.0.1:1/runs", "'pymysql': pip install 'recipe-search[mysql]'"),
+    ]
+    for uri, message in cases:
+        with pytest.raises(SweepError, match="needs the Python driver") as err:
+            check_tracking_uri(resolve_tracking_uri(uri))
+        assert message in str(err.value) and "pw" not in str(err.value), str(err.value)
