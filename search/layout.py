@@ -30,6 +30,7 @@ __all__ = [
     "best_checkpoint",
     "check_no_driver",
     "check_private",
+    "disk_full",
     "live_lease",
     "release_lease",
     "renew_lease",
@@ -268,6 +269,27 @@ def release_lease(sweep_dir: str, lease: dict[str, Any]) -> None:
     if current is not None and all(current.get(k) == lease.get(k) for k in ("host", "pid", "started")):
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+DISK_FULL = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+
+
+def disk_full(err: Optional[BaseException]) -> Optional[str]:
+    """What says the disk is full in ``err`` or the exceptions it was raised from (a Tune abort wraps a
+    callback's ``OSError``, MLflow wraps SQLite's), as one line; None when nothing does."""
+    import errno
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err.strerror + (f" ({err.filename})" if err.filename else "")
+        text = str(err)
+        for marker in DISK_FULL:
+            if marker in text:
+                return next(line.strip() for line in text.splitlines() if marker in line)[:200]
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def check_private(sweep_dir: str) -> None:

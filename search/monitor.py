@@ -8,6 +8,7 @@ prints one line per trial state change instead of Ray's wall of logs.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from ray.tune.experiment import Trial
 from spaces import Recipe
 from trainables.report import Progress, TrialReport, Unit
 
-from search.layout import STATE_FILE, read_state
+from search.layout import DISK_FULL, STATE_FILE, read_state
 from search.tracking import error_line
 
 __all__ = ["SweepMonitor", "better"]
@@ -208,7 +209,12 @@ class SweepMonitor(Callback):
         self._save()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._failed(trial, error_line(trial))
+        error = error_line(trial)
+        if any(marker in error for marker in DISK_FULL):
+            # Not the recipe's fault, and every trial after it would fail the same way: the sweep stops as if
+            # interrupted (the trial stays unfinished, to go on from its checkpoint once there is room).
+            raise OSError(errno.ENOSPC, f"trial {trial.trial_id} ran out of disk: {error[:200]}")
+        self._failed(trial, error)
 
     def _failed(self, trial: Trial, error: str) -> None:
         record = self._record(trial)

@@ -259,9 +259,9 @@ def run_rsb_study(plan: SweepPlan, out, resume: bool = False) -> dict[str, Any]:
     if not resume:
         write_spec(plan)
     replicates = read_plan(plan.sweep_dir) or write_plan(plan.sweep_dir, rsb_replicates(plan))
-    tracker, interrupted = run_replicates(plan, replicates, plan.sweep_dir, "study", out)
-    if interrupted:
-        return {"interrupted": True}
+    tracker, stopped = run_replicates(plan, replicates, plan.sweep_dir, "study", out)
+    if stopped:
+        return stopped
     summary = replicate_summary(plan.sweep_dir)
     table = format_rsb_table(summary)
     plot_path, table_path = os.path.join(plan.sweep_dir, PLOT_FILE), os.path.join(plan.sweep_dir, TABLE_FILE)

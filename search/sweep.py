@@ -30,7 +30,7 @@ from search.confirm import (
 )
 from search.layout import (
     BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, STATE_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
-    read_state, release_lease, renew_lease, take_lease, trial_checkpoint,
+    disk_full, read_state, release_lease, renew_lease, take_lease, trial_checkpoint,
 )
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
@@ -43,9 +43,16 @@ __all__ = ["hold_lease", "init_ray", "build_tuner", "run_confirmation", "run_rep
 logger = logging.getLogger("recipe_search")
 
 
+class _LogFile(logging.FileHandler):
+    """``ray.log``: a record that cannot be written (a full disk) is dropped, not printed with a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's hook
+        pass
+
+
 def _route_ray_logs(sweep_dir: str) -> None:
     """Ray's and Tune's log records go to ``ray.log`` in the sweep directory, not the terminal."""
-    handler = logging.FileHandler(os.path.join(sweep_dir, LOG_FILE))
+    handler = _LogFile(os.path.join(sweep_dir, LOG_FILE))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna", "mlflow", "alembic"):
         log = logging.getLogger(name)
@@ -244,17 +251,43 @@ def _sigterm_as_ctrl_c():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _fit(tuner, sweep_dir: str) -> bool:
-    """Run the Tuner with Tune's banners sent to the log; whether the driver was interrupted."""
+INTERRUPTED = "interrupted"
+
+
+def _fit(tuner, sweep_dir: str) -> Optional[str]:
+    """Run the Tuner with Tune's banners sent to the log; None when it ran to its end, else why it stopped:
+    ``INTERRUPTED`` (Ctrl-C, SIGTERM, a Tune abort), or what said the disk is full."""
     from ray.tune.error import TuneError
 
-    with open(os.path.join(sweep_dir, LOG_FILE), "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    sink = open(os.path.join(sweep_dir, LOG_FILE), "a")
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _sigterm_as_ctrl_c():
+            tuner.fit()
+    except (KeyboardInterrupt, TuneError) as err:
+        return disk_full(err) or INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - a full disk stops the sweep like an interrupt; anything else is a bug
+        full = disk_full(err)
+        if full is None:
+            raise
+        return full
+    finally:
+        with contextlib.suppress(OSError):  # the log's last lines may not fit on a full disk
+            sink.close()
+    return None
+
+
+def _stopped(stopped: Optional[str], tracker: MlflowTracking, monitor: SweepMonitor) -> dict[str, Any]:
+    """After a stop: open MLflow runs KILLED, running trials back to pending (each as far as a full disk
+    lets it); what the caller returns, with ``"disk_full"`` when that stopped it."""
+    for close in (tracker.close_interrupted, monitor.mark_interrupted):
         try:
-            with _sigterm_as_ctrl_c():
-                tuner.fit()
-        except (KeyboardInterrupt, TuneError):
-            return True
-    return False
+            close()
+        except Exception as err:  # noqa: BLE001 - only a full disk is expected here
+            full = disk_full(err)
+            if full is None:
+                raise
+            stopped = stopped if stopped not in (None, INTERRUPTED) else full
+    return {"interrupted": True, **({"disk_full": stopped} if stopped not in (None, INTERRUPTED) else {})}
 
 
 @contextlib.contextmanager
@@ -348,12 +381,11 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
     if resume:
         # Tune restores the run config it pickled; this driver's callbacks replace its stale copies.
         tuner._local_tuner.get_run_config().callbacks = [tracker, monitor]
-    interrupted = _fit(tuner, plan.sweep_dir)
+    stopped = _fit(tuner, plan.sweep_dir)
     state = read_state(plan.sweep_dir) or {}
-    if interrupted or not state.get("finished"):
-        tracker.close_interrupted()
-        monitor.mark_interrupted()
-        return {**(read_state(plan.sweep_dir) or {}), "interrupted": True}
+    if stopped or not state.get("finished"):
+        how = _stopped(stopped, tracker, monitor)
+        return {**(read_state(plan.sweep_dir) or {}), **how}
     best = state.get("best")
     if best:
         files = {"recipe": _write_best(plan, best["recipe"])}
@@ -441,7 +473,8 @@ def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: s
 
 def run_replicates(plan: SweepPlan, replicates: ConfirmationPlan, directory: str, phase: str, out, parent_run_id: Optional[str] = None):
     """Train each recipe of ``replicates`` on each of its seeds (full schedules, no early stopping) as the
-    Tune experiment in ``directory``, or finish it; return ``(tracker, interrupted)``."""
+    Tune experiment in ``directory``, or finish it; return the tracker, and how it stopped (empty: it finished;
+    else ``{"interrupted": True}``, with ``"disk_full"`` when a full disk stopped it)."""
     from ray import tune
 
     restore = tune.Tuner.can_restore(directory)
@@ -454,12 +487,10 @@ def run_replicates(plan: SweepPlan, replicates: ConfirmationPlan, directory: str
     label = {"confirm": "confirmation"}.get(phase, phase)
     print(f"\n{'resuming the ' if restore else ''}{label} of {plan.name}: {names} on seeds {seeds}: {replicates.total} runs of the full schedule", file=out)
     out.flush()
-    interrupted = _fit(_replicate_tuner(plan, replicates, directory, [tracker, monitor], restore), plan.sweep_dir)
-    if interrupted or not (read_state(directory) or {}).get("finished"):
-        tracker.close_interrupted()
-        monitor.mark_interrupted()
-        return tracker, True
-    return tracker, False
+    stopped = _fit(_replicate_tuner(plan, replicates, directory, [tracker, monitor], restore), plan.sweep_dir)
+    if stopped or not (read_state(directory) or {}).get("finished"):
+        return tracker, _stopped(stopped, tracker, monitor)
+    return tracker, {}
 
 
 def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[str, Any]:
@@ -472,9 +503,9 @@ def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[st
         plan.sweep_dir, top, seeds, _recipe_of(plan), lambda ordinal, config: run_name(ordinal, config, [k for k in searched if k in config]),
     )
     parent = read_run_map(plan.sweep_dir).get("parent_run_id")
-    tracker, interrupted = run_replicates(plan, confirmation, confirm_dir(plan.sweep_dir), "confirm", out, parent_run_id=parent)
-    if interrupted:
-        return {"interrupted": True}
+    tracker, stopped = run_replicates(plan, confirmation, confirm_dir(plan.sweep_dir), "confirm", out, parent_run_id=parent)
+    if stopped:
+        return stopped
     summary = confirmation_summary(plan.sweep_dir)
     # confirmation.json last: once it exists the confirmation is done, and resume has nothing left to redo.
     winner = next((r for r in summary["recipes"] if r["trial_id"] == summary["winner"]), None)

@@ -435,3 +435,70 @@ def test_a_dead_worker_restarts_from_its_checkpoint(ray_session, workdir, worker
     with open(results) as f:
         epochs = [TrialReport.from_result(json.loads(line)).progress.done for line in f if line.strip()]
     assert epochs == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture
+def small_disk(workdir):
+    """A 64 MB tmpfs in the working folder, to fill (root only: mount), unmounted at the end."""
+    import subprocess
+
+    disk = workdir / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_sweep_like_an_interrupt_and_resume_loses_nothing(ray_session, workdir, small_disk):
+    """The disk that holds the sweep and its tracking store fills mid-trial: exit 130, one error line, the resume
+    command; once there is room, resume finishes every trial with one MLflow run each and contiguous metrics."""
+    import subprocess
+    import sys
+    import time
+
+    from search.layout import read_state
+    from search.plan import load_sweep_spec
+
+    space_file = workdir / "space.yaml"
+    space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
+    sweep_dir, tracking = str(small_disk / "runs" / "full"), f"sqlite:///{small_disk / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "search.cli", "sweep", str(space_file), "--name", "full", "--trials", "3", "--searcher", "random",
+        "--scheduler", "fifo", "--concurrency", "1", "--set", "schedule.epochs=4", "--storage", str(small_disk / "runs"),
+        "--tracking-uri", tracking, "--address", ray_session.get_runtime_context().gcs_address, "--seed", "0",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    driver = subprocess.Popen(command, cwd=workdir, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # the first trial has reported an epoch: fill the disk under it
+        state = read_state(sweep_dir) if os.path.exists(os.path.join(sweep_dir, "recipe-search", "state.json")) else None
+        if state and any(r.get("progress") for r in state["trials"].values()):
+            break
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.5)
+    ballast = small_disk / "ballast"
+    with open(ballast, "wb") as f:
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+    output, errors = driver.communicate(timeout=240)
+    assert driver.returncode == 130, (output, errors)
+    assert errors.count("\n") == 1 and errors.startswith("error: ") and "disk is full" in errors and "Traceback" not in errors, errors
+    assert f"resume it with: recipe-search resume {sweep_dir}" in output
+
+    os.remove(ballast)
+    spec = load_sweep_spec(sweep_dir)
+    assert spec.tracking_uri == tracking
+    state = run_sweep(plan_sweep(spec, resume=True), out=io.StringIO(), resume=True)
+    records = state["trials"]
+    assert not state.get("interrupted") and len(records) == 3
+    assert all(r["status"] == "TERMINATED" and r["progress"]["done"] == 4 for r in records.values())
+    client = MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(c.data.tags["recipe_search.trial_id"] for c in children) == sorted(records)
+    for child in children:
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1")) == [1, 2, 3, 4]
