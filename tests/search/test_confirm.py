@@ -234,7 +234,7 @@ def test_the_rsb_study_trains_a1_a2_a3_over_seeds_at_their_relative_budgets(ray_
     values = {p: [r["metrics"]["val/top1"] for r in records if r["config"]["confirms"] == p] for p in budgets}
     table = (sweep_dir / "study.md").read_text()
     for procedure, label in (("a1", "A1"), ("a2", "A2"), ("a3", "A3")):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} | {budgets[procedure]} |"))
         assert f"{statistics.mean(values[procedure]):.4f} ± {statistics.stdev(values[procedure]):.4f}" in row
     assert "the noise" in table and table in result.output
     assert (sweep_dir / "study.png").stat().st_size > 10_000
