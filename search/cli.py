@@ -25,6 +25,7 @@ from spaces import (
     space_names,
     validate_recipe,
 )
+from spaces.errors import short
 from spaces.recipe import check_applies
 
 app = typer.Typer(
@@ -39,12 +40,14 @@ EXIT_USAGE = 2
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message, MAX_ERROR_LINE)}", err=True)
     raise typer.Exit(EXIT_USAGE)
 
 
 def _overrides(sets: list[str], data: Optional[str], **runtime: Any) -> dict[str, Any]:
     overrides = parse_overrides(sets or [])
+    if data is not None and not data.strip():
+        _fail("--data must not be empty (leave it out for the recipe's data)")
     if data:
         overrides["data.name"] = data
     for key, value in runtime.items():
@@ -113,7 +116,7 @@ def _searched(plan, state: dict[str, Any], started: float) -> None:
     counts = count_states(state)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     if state.get("interrupted"):
-        _interrupted(plan, f"sweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.")
+        _interrupted(plan, f"sweep {plan.name} interrupted after {minutes:.1f} min ({summary}); its state is saved.", state)
     print(f"\nsweep {plan.name} done in {minutes:.1f} min: {summary}")
     if study:
         _report_study(plan, state)
@@ -130,7 +133,9 @@ def _searched(plan, state: dict[str, Any], started: float) -> None:
         raise typer.Exit(EXIT_ALL_FAILED)
 
 
-def _interrupted(plan, line: str) -> None:
+def _interrupted(plan, line: str, stopped: Optional[dict[str, Any]] = None) -> None:
+    if stopped and stopped.get("disk_full"):  # stopped as an interrupt is, and said in one line
+        typer.echo(f"error: {plan.name} stopped as if interrupted, the disk is full: {stopped['disk_full']}; free space, then resume it", err=True)
     print(f"\n{line}")
     print(f"resume it with: recipe-search resume {plan.sweep_dir}")
     raise typer.Exit(EXIT_INTERRUPTED)
@@ -146,7 +151,7 @@ def _confirm(plan, top: int, seeds: int) -> None:
     summary = run_confirmation(plan, top, seeds)
     minutes = (time.time() - started) / 60
     if summary.get("interrupted"):
-        _interrupted(plan, f"confirmation of {plan.name} interrupted after {minutes:.1f} min; its finished seeds are kept.")
+        _interrupted(plan, f"confirmation of {plan.name} interrupted after {minutes:.1f} min; its finished seeds are kept.", summary)
     print(f"\nconfirmation of {plan.name} done in {minutes:.1f} min")
     print(format_confirmation(summary))
     if summary["winner"] is None:
@@ -161,7 +166,7 @@ def _rsb_study(plan, resume: bool) -> None:
     summary = run_rsb_study(plan, sys.stdout, resume=resume)
     minutes = (time.time() - started) / 60
     if summary.get("interrupted"):
-        _interrupted(plan, f"study {plan.name} interrupted after {minutes:.1f} min; its finished runs are kept.")
+        _interrupted(plan, f"study {plan.name} interrupted after {minutes:.1f} min; its finished runs are kept.", summary)
     print(f"\nstudy {plan.name} done in {minutes:.1f} min")
     print(summary["table"])
     print(f"{plan.space.metric} vs budget: {summary['plot']} (also in MLflow: the parent run of experiment {plan.name}, artifacts study/)")
@@ -352,6 +357,26 @@ def _print_phase(sweep_dir: str, phase: dict[str, Any]) -> None:
         print("phase: done")
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """Fail in one line, before any work, when ``path`` cannot be written as a file."""
+    import tempfile
+
+    if not path:
+        _fail(f"{flag} takes a file path, but got an empty one")
+    if os.path.isdir(path):
+        _fail(f"{flag} {short(path)} is a directory; give a file path, e.g. {short(os.path.join(path, 'best.yaml'))}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        _fail(f"{flag} {short(path)}: its folder {short(folder)} does not exist")
+    try:
+        if os.path.isfile(path):
+            open(path, "a").close()  # appends nothing: the file is left as it is
+        elif not os.path.exists(path):  # a probe, since permissions alone can lie (root, /proc)
+            os.rmdir(tempfile.mkdtemp(prefix=".recipe-search-probe-", dir=folder))
+    except OSError as err:
+        _fail(f"{flag} {short(path)} cannot be written ({err.strerror})")
+
+
 @app.command()
 def best(
     sweep_name: str = typer.Argument(..., metavar="NAME_OR_PATH"),
@@ -363,14 +388,19 @@ def best(
     from search.layout import find_sweep
     from search.results import sweep_best
 
+    if output is not None:
+        _check_output_file(output, "-o/--output")
     sweep_dir = find_sweep(sweep_name, storage)
     info = sweep_best(sweep_dir)
     if info is None:
         _fail(f"sweep {sweep_dir!r} has no finished trial with a result yet")
     text = recipe_to_yaml(validate_recipe(info["recipe"]))
-    if output:
-        with open(output, "w") as f:
-            f.write(text)
+    if output is not None:
+        try:
+            with open(output, "w") as f:
+                f.write(text)
+        except OSError as err:
+            _fail(f"-o/--output {short(output)} cannot be written ({err.strerror})")
     if as_json:
         print(json.dumps(info, indent=1))
         return
@@ -452,7 +482,7 @@ def study(
     from search.study import STUDIES, rethinking_spec, rsb_spec
 
     if which not in STUDIES:
-        _fail(f"unknown study {which!r}; available: {', '.join(STUDIES)}")
+        _fail(f"unknown study {short(which)}; available: {', '.join(STUDIES)}")
     overrides = _overrides(sets, data, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if which == "rethinking" and (seeds != 3 or epochs != 20):
         _fail("--seeds and --epochs are options of study rsb; rethinking takes --schedules, --fractions, --recipe, --pretrained")
@@ -476,7 +506,7 @@ def _numbers(text: str, flag: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        _fail(f"{flag} takes comma-separated numbers, e.g. 1,2; got {text!r}")
+        _fail(f"{flag} takes comma-separated numbers, e.g. 1,2; got {short(text)}")
         raise
 
 
@@ -523,13 +553,25 @@ def ui(
     tracking_uri: Optional[str] = TrackingOption,
     host: str = typer.Option("127.0.0.1", "--host", help="bind address (127.0.0.1: this machine only)"),
     port: int = typer.Option(5000, "--port"),
+    public: bool = typer.Option(False, "--public", help="allow a --host other machines reach (MLflow's UI has no login)"),
 ) -> None:
     """Open the MLflow UI on the tracking store."""
+    import ipaddress
+
     from search.tracking import resolve_tracking_uri
 
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not public:
+        _fail(
+            f"--host {host[:100]!r} serves the tracking store to other machines, and MLflow's UI has no login: anyone who reaches "
+            "it can read, change and delete these runs and their artifacts; add --public to do so (or tunnel: ssh -L)"
+        )
     uri = resolve_tracking_uri(tracking_uri)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: MLflow's UI has no login: anyone who reaches {host}:{port} can read and change these runs", err=True)
+    if not loopback:
+        typer.echo(f"warning: serving {uri} to anyone who reaches {host}:{port}, without a login", err=True)
     print(f"MLflow UI for {uri} on http://{host}:{port}", flush=True)
     os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 
@@ -571,12 +613,51 @@ def dashboard(
     run_server(url, host="127.0.0.1", port=port)
 
 
+MAX_USAGE_LINE = 300  # characters of click's message: a huge argument value must not make a huge line
+MAX_ERROR_LINE = 1000  # the library's messages bound user values themselves (spaces.errors.short); a backstop
+
+
+def _one_line(message: str, limit: int) -> str:
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _usage_error(err: typer.TyperException) -> str:
+    """A usage error of typer's click (unknown command or option, bad or missing value) as one bounded line."""
+    ctx = getattr(err, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {_one_line(err.format_message(), MAX_USAGE_LINE)}{where}"
+
+
 def main() -> None:
+    """Run the CLI: every error a user can cause is one line on stderr and exit 2; ``typer.Exit`` codes pass through.
+
+    typer 0.29 carries its own copy of click (``typer._click``): its exceptions derive from the public
+    ``typer.TyperException``, not from ``click.ClickException``. Without standalone mode typer returns the
+    code of a ``typer.Exit`` (0 after ``--help``) and raises the usage errors and ``typer.Abort``.
+    """
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)
     except RecipeSearchError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {_one_line(str(err), MAX_ERROR_LINE)}", err=True)
         sys.exit(EXIT_USAGE)
+    except OSError as err:  # a path too long, a full disk before the sweep started, a folder not allowed
+        from search.layout import disk_full
+
+        where = f" ({short(os.fsdecode(err.filename))})" if err.filename is not None else ""
+        typer.echo(f"error: {_one_line(disk_full(err) or err.strerror or str(err), MAX_ERROR_LINE)}{where}", err=True)
+        sys.exit(EXIT_USAGE)
+    except typer.Abort:  # Ctrl-D at a prompt
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    except typer.TyperException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help, printed when it was raised (rich)
+            if err.format_message().strip():  # without rich, it carries the help instead
+                typer.echo(err.format_message(), err=True)
+        else:
+            typer.echo(_usage_error(err), err=True)
+        sys.exit(err.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

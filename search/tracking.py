@@ -25,6 +25,7 @@ from ray.tune.experiment import Trial
 from ray.tune.result import TIME_TOTAL_S
 
 from spaces import Recipe, SweepError, flatten, recipe_to_yaml
+from spaces.errors import short
 from trainables.report import TrialReport
 
 from search.layout import RUNS_FILE, read_run_map
@@ -380,6 +381,8 @@ class MlflowTracking(Callback):
         self._finish(trial, "FAILED", "failed", **{TAG_ERROR: error_line(trial)})
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if self.resumed:  # restored with every trial done, so no step ran: the map is checked here
+            self.on_step_begin(0, trials)
         if self.parent_run_id is None or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials):
             return  # interrupted: close_interrupted marks the open runs
         self.client.set_terminated(self.parent_run_id, status="FINISHED")
@@ -458,14 +461,14 @@ def check_tracking_uri(uri: str) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
         except (urllib.error.URLError, OSError, ValueError) as err:
-            raise SweepError(f"MLflow tracking URI {uri!r} does not answer: {getattr(err, 'reason', err)}") from None
+            raise SweepError(f"MLflow tracking URI {short_uri(uri)} does not answer: {str(getattr(err, 'reason', err))[:200]}") from None
     elif uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         directory = os.path.dirname(path) or "."
         if os.path.isdir(path):
-            raise SweepError(f"MLflow tracking URI {uri!r}: {path!r} is a directory, not a database file")
+            raise SweepError(f"MLflow tracking URI {short_uri(uri)}: {short(path)} is a directory, not a database file")
         if not os.access(directory, os.W_OK):
-            raise SweepError(f"MLflow tracking URI {uri!r}: cannot write in {directory!r}")
+            raise SweepError(f"MLflow tracking URI {short_uri(uri)}: cannot write in {short(directory)}")
     elif "://" in uri:
         _check_database_uri(uri)
 

@@ -616,7 +616,7 @@ def check_applies(recipe: Recipe, keys: list[str], recipe_label: str, prefix: st
 
 def task_keys(task: str) -> frozenset[str]:
     """Every dotted key a recipe of ``task`` may hold."""
-    if task not in _TASK_KEYS:
+    if not isinstance(task, str) or task not in _TASK_KEYS:
         raise RecipeError(f"task must be one of {', '.join(TASKS)}, but got {short(task)}")
     return _TASK_KEYS[task]
 
@@ -689,7 +689,7 @@ def drop_legacy_keys(flat: dict[str, Any], source: str) -> dict[str, Any]:
     A non-default value of another task's key is an error naming it.
     """
     task = flat.get("task", "classification")
-    own = task_keys(task) if task in _TASK_KEYS else _ALL_KEYS  # an unknown task fails in validation
+    own = task_keys(task) if isinstance(task, str) and task in _TASK_KEYS else _ALL_KEYS  # an unknown task fails in validation
     kept = {}
     for key, value in flat.items():
         if key not in own and key in _ALL_KEYS:

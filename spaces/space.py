@@ -84,6 +84,11 @@ class Param(BaseModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> "Param":
+        if self.format is not None:
+            try:
+                self.format.format(self.low if self.low is not None else (self.choices or [0])[0])
+            except (IndexError, KeyError, ValueError, AttributeError) as err:
+                raise ValueError(f"format {short(self.format)} takes one value as {{}}: {err}") from None
         if self.kind == "choice":
             if not self.choices:
                 raise ValueError("choice needs at least one value")

@@ -38,6 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from spaces import DataError, RecipeError
+from spaces.errors import short
 from trainables.data import DatasetSummary
 
 __all__ = [
@@ -532,32 +533,82 @@ def coco_evaluate(
     return metrics
 
 
+_MAX_SHOWN_PATH = 200  # characters of a file name in a message: the OS refuses longer ones anyway
+
+
+def _shown(path: Path) -> str:
+    """``path`` for a one-line message: a name as long as an argument can be is cut in the middle."""
+    text = str(path)
+    return text if len(text) <= _MAX_SHOWN_PATH else f"{text[:100]}...{text[-97:]}"
+
+
 def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise DataError(f"{what} file {str(path)!r} does not exist")
+    name = repr(_shown(path))
     try:
+        if path.is_dir():
+            raise DataError(f"{what} file {name} is a directory, not a JSON file")
+        if not path.is_file():
+            raise DataError(f"{what} file {name} does not exist")
         return json.loads(path.read_text())
+    except OSError as err:  # also a name too long for the file system
+        raise DataError(f"{what} file {name} cannot be read: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise DataError(f"{what} file {str(path)!r} is not JSON text: {_one_line(err)}") from err
+        raise DataError(f"{what} file {name} is not JSON text: {_one_line(err)}") from err
     except json.JSONDecodeError as err:
-        raise DataError(f"{what} file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}") from err
+        raise DataError(f"{what} file {name} is not valid JSON: {err.msg} at line {err.lineno}") from err
+    except RecursionError:
+        raise DataError(f"{what} file {name} nests its JSON too deeply to be COCO") from None
 
 
 def _is_number(value: Any) -> bool:
+    """A finite JSON number (true and false are not numbers; Python's json reads NaN and Infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _known(value: Any, ids: Any) -> bool:
-    """Whether ``value`` is one of ``ids``; a JSON list or object as an id is never one."""
-    return not isinstance(value, (list, dict)) and value in ids
+    """Whether ``value`` is one of ``ids``; a JSON list, object or boolean as an id is never one."""
+    return not isinstance(value, (list, dict, bool)) and value in ids
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _box_problem(box: Any, empty: bool) -> Optional[str]:
+    """What makes ``box`` no COCO box: [x, y, width, height], finite, width and height > 0 (>= 0 with
+    ``empty``: ground truths as released hold a few degenerate boxes, which COCOeval handles); None for a box."""
+    if not (isinstance(box, list) and len(box) == 4):
+        return "not a list of 4 numbers"
+    if not all(_is_number(v) for v in box):
+        return "with a value that is not a finite number"
+    if min(box[2], box[3]) < 0 or (not empty and min(box[2], box[3]) == 0):
+        return "with a width or height < 0" if empty else "with a width or height <= 0"
+    return None
+
+
+# pycocotools writes the counts of a compressed RLE 5 bits to a character, as chr(48) to chr(111).
+_RLE_CHARACTERS = frozenset(map(chr, range(48, 112)))
+
+
+def _mask_problem(seg: Any, image: dict[str, Any], polygons: bool) -> Optional[str]:
+    """What makes ``seg`` no mask of ``image``: an RLE of its size, or (``polygons``) a list of
+    polygons of 3 or more points; None for a mask."""
+    if isinstance(seg, dict):
+        size = [image["height"], image["width"]]
+        if seg.get("size") != size:
+            return f"a mask of size {short(seg.get('size'))}, but image {short(image['id'])} is {size}"
+        counts = seg.get("counts")
+        if isinstance(counts, str) and set(counts) <= _RLE_CHARACTERS:
+            return None
+        if polygons and isinstance(counts, list):  # COCO's uncompressed RLE (crowd regions of the ground truth)
+            runs = all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            return None if runs and sum(counts) == size[0] * size[1] else f"an RLE whose counts do not cover {size[0]}x{size[1]} pixels"
+        return "an RLE whose counts are not pycocotools' compressed string"
+    if polygons and isinstance(seg, list) and seg and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in seg
+    ):
+        return None
+    return "a segmentation that is not an RLE object with size and counts" + (", nor a list of polygons" if polygons else "")
 
 
 def _check_gt(path: Path, data: Any, iou_type: str) -> None:
-    where = str(path)
+    where = _shown(path)
     if not isinstance(data, dict):
         raise DataError(_MISSING_GT_KEY.format(path=where, problem=f"got a JSON {type(data).__name__}"))
     for key in ("images", "annotations", "categories"):
@@ -569,28 +620,46 @@ def _check_gt(path: Path, data: Any, iou_type: str) -> None:
         "id", "image_id", "category_id", "area", "iscrowd", "bbox" if iou_type == "bbox" else "segmentation"
     )
     for key, fields in needs.items():
+        seen: dict[Any, int] = {}
         for i, entry in enumerate(data[key]):
             missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
             if missing:
                 raise DataError(f"{where}: {key}[{i}] has no '{missing[0]}' (each needs {', '.join(fields)})")
-            if key != "annotations" and (isinstance(entry["id"], bool) or not isinstance(entry["id"], (int, str))):
-                raise DataError(f"{where}: {key}[{i}] has id {entry['id']!r}; ids are integers")
-    image_ids = {img["id"] for img in data["images"]}
+            if isinstance(entry["id"], bool) or not isinstance(entry["id"], (int, str)):
+                raise DataError(f"{where}: {key}[{i}] has id {short(entry['id'])}; ids are integers")
+            if entry["id"] in seen:  # pycocotools indexes by id: a second one would replace the first
+                raise DataError(f"{where}: {key}[{i}] has id {short(entry['id'])}, as {key}[{seen[entry['id']]}] does; ids are unique")
+            seen[entry["id"]] = i
+    for i, img in enumerate(data["images"]):
+        for side in ("height", "width"):
+            value = img[side]
+            if not (_is_number(value) and value >= 1 and value == int(value)):
+                raise DataError(f"{where}: images[{i}] has {side} {short(value)}; it is a whole number of pixels >= 1")
+    images = {img["id"]: img for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     for i, ann in enumerate(data["annotations"]):
-        if not _known(ann["image_id"], image_ids):
-            raise DataError(f"{where}: annotations[{i}] names image_id {ann['image_id']!r}, which is not in images")
+        name = f"{where}: annotations[{i}]"
+        which = f"(annotation id {short(ann['id'])})"
+        if not _known(ann["image_id"], images):
+            raise DataError(f"{name} names image_id {short(ann['image_id'])}, which is not in images {which}")
         if not _known(ann["category_id"], category_ids):
-            raise DataError(
-                f"{where}: annotations[{i}] names category_id {ann['category_id']!r}, which is not in categories"
-            )
+            raise DataError(f"{name} names category_id {short(ann['category_id'])}, which is not in categories {which}")
+        if not (_is_number(ann["area"]) and ann["area"] >= 0):
+            raise DataError(f"{name} has area {short(ann['area'])}, not a number >= 0 {which}")
+        if isinstance(ann["iscrowd"], (list, dict)) or ann["iscrowd"] not in (0, 1):
+            raise DataError(f"{name} has iscrowd {short(ann['iscrowd'])}, not 0 or 1 {which}")
         box = ann.get("bbox")
-        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box) and box[2] >= 0 and box[3] >= 0):
-            raise DataError(f"{where}: annotations[{i}] has bbox {str(box)[:80]}; a box is [x, y, width, height] with width, height >= 0")
+        problem = None if box is None else _box_problem(box, empty=True)
+        if problem:
+            raise DataError(f"{name} has bbox {short(box)}, {problem} {which}; a box is [x, y, width, height]")
+        if iou_type == "segm":
+            problem = _mask_problem(ann["segmentation"], images[ann["image_id"]], polygons=True)
+            if problem:
+                raise DataError(f"{name} has {problem} {which}")
 
 
 def _check_detections(path: Path, dets: Any, gt: dict[str, Any], iou_type: str) -> None:
-    where = str(path)
+    where = _shown(path)
     shape = "bbox" if iou_type == "bbox" else "segmentation (RLE)"
     if not isinstance(dets, list):
         raise DataError(f"{where}: detections must be a JSON list of objects, but got a JSON {type(dets).__name__}")
@@ -607,22 +676,19 @@ def _check_detections(path: Path, dets: Any, gt: dict[str, Any], iou_type: str) 
             if key not in det:
                 raise bad(i, f"has no '{key}'")
         if not _is_number(det["score"]):
-            raise bad(i, f"has score {det['score']!r}, not a number")
+            raise bad(i, f"has score {short(det['score'])}, not a number")
         if not _known(det["image_id"], images):
-            raise bad(i, f"names image_id {det['image_id']!r}, which the ground truth does not have")
+            raise bad(i, f"names image_id {short(det['image_id'])}, which the ground truth does not have")
         if not _known(det["category_id"], category_ids):
-            raise bad(i, f"names category_id {det['category_id']!r}, which the ground truth does not have")
+            raise bad(i, f"names category_id {short(det['category_id'])}, which the ground truth does not have")
         if "bbox" in det:
-            box = det["bbox"]
-            if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-                raise bad(i, f"has bbox {box!r}, not [x, y, width, height]")
+            problem = _box_problem(det["bbox"], empty=False)
+            if problem:
+                raise bad(i, f"has bbox {short(det['bbox'])}, {problem}; a box is [x, y, width, height]")
         if iou_type == "segm":
-            seg = det["segmentation"]
-            if not (isinstance(seg, dict) and isinstance(seg.get("counts"), (str, list)) and "size" in seg):
-                raise bad(i, "has a segmentation that is not an RLE object with size and counts")
-            img = images[det["image_id"]]
-            if list(seg["size"]) != [img["height"], img["width"]]:
-                raise bad(i, f"has a mask of size {seg['size']!r}, but image {img['id']} is {[img['height'], img['width']]}")
+            problem = _mask_problem(det["segmentation"], images[det["image_id"]], polygons=False)
+            if problem:
+                raise bad(i, f"has {problem}")
 
 
 def load_coco_pair(
@@ -639,7 +705,7 @@ def load_coco_pair(
     try:
         coco = _quiet_coco(gt)
     except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"cannot index ground truth {str(gt_path)!r}: {_one_line(err)}") from err
+        raise DataError(f"cannot index ground truth {_shown(gt_path)!r}: {_one_line(err)}") from err
     return coco, dets
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 
 from spaces import DataError
+from spaces.errors import short
 from spaces.recipe import ClassificationData
 from trainables.fewshot import shots_per_class_subset, split_classes
 
@@ -102,7 +103,8 @@ def check_image_folder(root: str | os.PathLike) -> None:
     """Fail with a ``DataError`` unless ``root`` has train/ and val/ with non-empty class folders."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset path {str(root)!r} does not exist (data.name takes 'digits' or an ImageFolder root)")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"dataset path {short(str(root))} {what} (data.name takes 'digits' or an ImageFolder root)")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"dataset {str(root)!r} has no {split}/ folder (expected {split}/CLASS/IMAGE)")
