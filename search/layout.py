@@ -29,10 +29,12 @@ __all__ = [
     "STATE_FILE",
     "best_checkpoint",
     "check_no_driver",
+    "DamagedFile",
     "check_private",
     "disk_full",
     "live_lease",
     "release_lease",
+    "set_aside_damaged",
     "renew_lease",
     "take_lease",
     "count_states",
@@ -84,10 +86,16 @@ _STATE_KEYS = {"name": str, "trials": dict, "num_samples": int, "metric": str, "
 _RUN_MAP_KEYS = {"trials": dict}
 
 
-def _damaged(path: str, what: str) -> SweepError:
-    return SweepError(
-        f"{path} is damaged ({what}): a crash or a full disk can leave it so; the sweep's driver writes it, "
-        "so restore it from a copy (status, best, report and resume need it)"
+class DamagedFile(SweepError):
+    """A file the driver wrote cannot be read back (truncated, overwritten, not what it should hold)."""
+
+
+def _damaged(path: str, what: str) -> DamagedFile:
+    rebuilt = os.path.basename(path) in (os.path.basename(STATE_FILE), os.path.basename(RUNS_FILE))
+    return DamagedFile(
+        f"{path} is damaged ({what}): a crash or a full disk can leave it so; "
+        + ("'recipe-search resume' rebuilds it from Tune's experiment and MLflow (and keeps it as .damaged)" if rebuilt
+           else "restore it from a copy")
     )
 
 
@@ -135,6 +143,22 @@ def read_run_map(sweep_dir: str) -> dict[str, Any]:
     if not all(isinstance(run_id, str) for run_id in runs["trials"].values()):
         raise _damaged(os.path.join(sweep_dir, RUNS_FILE), "a trial's run id is not a string")
     return runs
+
+
+def set_aside_damaged(sweep_dir: str) -> list[str]:
+    """Before a resume: a damaged ``state.json`` or ``mlflow_runs.json`` (of the sweep, and of its confirmation)
+    is renamed to ``*.damaged``; the resumed driver rebuilds the state from the trials Tune restores and the
+    run map from the MLflow runs' tags. The paths set aside."""
+    moved = []
+    for directory in (sweep_dir, os.path.join(sweep_dir, CONFIRM_DIR)):
+        for name, reader in ((STATE_FILE, read_state), (RUNS_FILE, read_run_map)):
+            try:
+                reader(directory)
+            except DamagedFile:
+                path = os.path.join(directory, name)
+                os.replace(path, path + ".damaged")
+                moved.append(path)
+    return moved
 
 
 def read_confirmation(sweep_dir: str) -> Optional[dict[str, Any]]:

@@ -194,8 +194,23 @@ class SweepMonitor(Callback):
             return
         # Tune saves its experiment state every few seconds: a trial started after the last
         # save (then killed) is unknown to the restored experiment and is asked for anew.
+        self._reconcile(trials)
+
+    def _reconcile(self, trials: list[Trial]) -> None:
+        """After a restore: records of trials Tune does not know go; trials Tune knows that the state does
+        not (a damaged ``state.json`` set aside by resume) are recorded from Tune's own record of them."""
         self.resumed = False
         known = {t.trial_id for t in trials}
+        for trial in trials:
+            if trial.trial_id in self.state["trials"]:
+                continue
+            self._record(trial)
+            if trial.status == Trial.TERMINATED:
+                if trial.last_result:
+                    self.on_trial_result(0, trials, trial, trial.last_result)
+                self.on_trial_complete(0, trials, trial)
+            elif trial.status == Trial.ERROR:
+                self._failed(trial, error_line(trial))
         for trial_id in [t for t in self.state["trials"] if t not in known]:
             del self.state["trials"][trial_id]
         best = self.state["best"]
@@ -226,6 +241,8 @@ class SweepMonitor(Callback):
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         # Tune also ends the experiment when the driver is interrupted, and a Ctrl-C marks the trials it
         # stops TERMINATED without completing them: finished only if every trial completed or failed here.
+        if self.resumed:  # restored with every trial done: no step ran
+            self._reconcile(trials)
         records = self.state["trials"].values()
         done = [r for r in records if r["status"] in ("TERMINATED", "ERROR")]
         self.state["finished"] = len(done) == len(records) >= self.state["num_samples"]

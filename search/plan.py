@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,8 +28,8 @@ from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
 from search.confirm import check_request
-from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, check_private, read_run_map, read_state, resolve_run
-from search.tracking import check_tracking_uri, database_url, resolve_tracking_uri
+from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, check_private, resolve_run, set_aside_damaged
+from search.tracking import check_tracking_uri, database_url, resolve_tracking_uri, short_uri
 from search.trial import LAUNCHERS
 
 __all__ = ["SweepSpec", "SweepPlan", "plan_sweep", "load_sweep_spec", "needs_upstream", "UPSTREAM_RECIPE"]
@@ -293,6 +294,12 @@ def _check_flags(spec: SweepSpec) -> None:
         raise SweepError(f"--seed (the searcher's) must be >= 0, but got {spec.seed}")
     if spec.name is not None and not spec.name:
         raise SweepError("--name must not be empty (leave it out for SPACE-TIME)")
+    for flag, value, default in (
+        ("--storage", spec.storage, "runs"), ("--tracking-uri", spec.tracking_uri, "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+        ("--address", spec.address, "$RAY_ADDRESS or a local Ray"), ("--optuna-storage", spec.optuna_storage, "sqlite in the sweep's folder"),
+    ):
+        if value is not None and not value.strip():
+            raise SweepError(f"{flag} must not be empty (leave it out for {default})")
     if spec.concurrency is not None and spec.concurrency < 1:
         raise SweepError(f"--concurrency must be at least 1, but got {spec.concurrency}")
     if spec.launcher not in LAUNCHERS:
@@ -337,16 +344,16 @@ def _optuna_storage(spec: SweepSpec, sweep_dir: Path, name: str, resume: bool) -
         return None
     url = database_url(spec.optuna_storage or f"sqlite:///{sweep_dir / OPTUNA_FILE}")
     if not url.startswith(("sqlite:///", "postgresql", "mysql")):
-        raise SweepError(f"--optuna-storage takes an RDB URL (sqlite:///PATH, postgresql://..., mysql://...), but got {url!r}")
+        raise SweepError(f"--optuna-storage takes an RDB URL (sqlite:///PATH, postgresql://..., mysql://...), but got {short_uri(url)}")
     if spec.optuna_storage and not resume:
         import optuna
 
         try:
             names = optuna.study.get_all_study_names(storage=url)
         except Exception as err:  # noqa: BLE001 - any driver or connection error is the user's input
-            raise SweepError(f"--optuna-storage {url!r} cannot be opened: {str(err).splitlines()[0][:200]}") from None
+            raise SweepError(f"--optuna-storage {short_uri(url)} cannot be opened: {str(err).splitlines()[0][:200]}") from None
         if name in names:
-            raise SweepError(f"--optuna-storage {url!r} already holds a study {name!r}: pick another --name")
+            raise SweepError(f"--optuna-storage {short_uri(url)} already holds a study {name!r}: pick another --name")
     return url
 
 
@@ -428,8 +435,8 @@ def _check_resumable(sweep_dir: Path) -> None:
     readable, its pickles in folders no one else can write (one-line errors)."""
     check_no_driver(str(sweep_dir))
     check_private(str(sweep_dir))
-    read_state(str(sweep_dir))
-    read_run_map(str(sweep_dir))
+    for path in set_aside_damaged(str(sweep_dir)):
+        print(f"{path} is damaged: kept as {os.path.basename(path)}.damaged; this resume rebuilds it from Tune's experiment and MLflow", file=sys.stderr)
     try:
         written = json.loads((sweep_dir / SPEC_FILE).read_text()).get("format", 1)
     except (OSError, ValueError, AttributeError):
@@ -457,6 +464,8 @@ def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> Sweep
     try:
         with open(os.path.join(sweep_dir, SPEC_FILE)) as f:
             data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}: a crash or a full disk can leave it so")
         data.pop("format", None)  # checked by plan_sweep(resume=True)
         data["overrides"] = {**data.get("overrides", {}), **data.pop("resolved", {})}  # the checkpoints it started from
         data["storage"] = os.path.dirname(os.path.abspath(sweep_dir))
@@ -465,6 +474,6 @@ def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> Sweep
             data["tracking_uri"] = tracking_uri
         return SweepSpec.from_json(data)
     except (OSError, ValueError, TypeError) as err:
-        raise SweepError(f"cannot read {SPEC_FILE} of sweep {sweep_dir!r}: {err}") from None
+        raise SweepError(f"cannot read {SPEC_FILE} of sweep {short(sweep_dir)}: {str(err)[:300]}") from None
 
 

@@ -25,7 +25,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from spaces import Param, Space, SweepError, flatten, load_space, resolve_recipe
+from spaces import Param, Space, SweepError, flatten, load_space, resolve_recipe, validate_recipe
 
 from trainables.report import Progress
 
@@ -214,7 +214,7 @@ def format_rsb_table(summary: dict[str, Any]) -> str:
     ]
     paper = {key: top1 for key, _, _, _, top1 in RSB_PROCEDURES}
     for row, smaller in zip(rows, rows[1:] + [None]):
-        epochs = row["recipe"]["schedule"]["epochs"]
+        epochs = validate_recipe(row["recipe"]).schedule.epochs
         value = f"{row['mean']:.4f} ± {row['std']:.4f}" if row["std"] is not None else (f"{row['mean']:.4f}" if row["n"] else "-")
         ci = f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]" if row["ci95"] else "-"
         step = "-"
@@ -235,7 +235,7 @@ def _rsb_plot(summary: dict[str, Any], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     rows = [r for r in sorted(summary["recipes"], key=lambda r: r["trial_id"], reverse=True) if r["n"]]
-    budgets = [r["recipe"]["schedule"]["epochs"] for r in rows]
+    budgets = [validate_recipe(r["recipe"]).schedule.epochs for r in rows]
     for budget, row in zip(budgets, rows):
         ax.scatter([budget] * len(row["values"]), row["values"], color="tab:gray", s=14, alpha=0.7, zorder=2)
     ax.errorbar(budgets, [r["mean"] for r in rows], yerr=[r["std"] or 0.0 for r in rows], color="tab:blue", marker="o",

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from search.cli import app
 from search.layout import BEST_RECIPE_FILE
-from search.plan import SweepSpec, plan_sweep
+from search.plan import SweepSpec, load_sweep_spec, plan_sweep
 from search.sweep import run_sweep
 from spaces import flatten, parse_space, resolve_recipe, task_keys, validate_recipe
 from trainables.report import TrialReport
@@ -296,7 +296,7 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     import time
 
     from search.layout import read_state
-    from search.plan import load_sweep_spec
+
 
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
@@ -458,7 +458,7 @@ def test_a_full_disk_stops_the_sweep_like_an_interrupt_and_resume_loses_nothing(
     import time
 
     from search.layout import read_state
-    from search.plan import load_sweep_spec
+
 
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
@@ -502,3 +502,30 @@ def test_a_full_disk_stops_the_sweep_like_an_interrupt_and_resume_loses_nothing(
     assert sorted(c.data.tags["recipe_search.trial_id"] for c in children) == sorted(records)
     for child in children:
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1")) == [1, 2, 3, 4]
+
+
+def test_resume_rebuilds_a_damaged_state_and_run_map_from_tune_and_mlflow(ray_session, workdir):
+    """A crash or a full disk left ``state.json`` truncated and ``mlflow_runs.json`` garbage: ``status`` says so in
+    one line and names the repair; ``resume`` sets them aside and rebuilds both, with nothing run again."""
+    from search.layout import RUNS_FILE, STATE_FILE, read_state
+
+    plan, state, _ = _sweep(workdir, "hurt", trials=3, epochs=2)  # grace 2 of 2 epochs: none cut
+    before = {t: (r["status"], r["metrics"]["val/top1"]) for t, r in state["trials"].items()}
+    client, parents, children = _runs("hurt")
+    runs_before = sorted(c.info.run_id for c in children)
+    (workdir / "runs" / "hurt" / STATE_FILE).write_text(json.dumps(state)[:100])
+    (workdir / "runs" / "hurt" / RUNS_FILE).write_bytes(b"\x00\xff garbage")
+    shown = CliRunner().invoke(app, ["status", "hurt", "--storage", str(workdir / "runs")])
+    assert "is damaged (not JSON" in str(shown.exception) and "'recipe-search resume' rebuilds it" in str(shown.exception)  # main(): one line
+
+    rebuilt = run_sweep(plan_sweep(load_sweep_spec(plan.sweep_dir), resume=True), out=io.StringIO(), resume=True)
+    assert not rebuilt.get("interrupted") and rebuilt == read_state(plan.sweep_dir)
+    assert {t: (r["status"], r["metrics"]["val/top1"]) for t, r in rebuilt["trials"].items()} == before
+    assert (rebuilt["best"]["trial_id"], rebuilt["best"]["value"]) == (state["best"]["trial_id"], state["best"]["value"])
+    assert rebuilt["best"]["mlflow_run_id"] == state["best"]["mlflow_run_id"]
+    assert (workdir / "runs" / "hurt" / (STATE_FILE + ".damaged")).exists()
+    with open(workdir / "runs" / "hurt" / RUNS_FILE) as f:
+        assert sorted(json.load(f)["trials"].values()) == runs_before
+    client, parents, children = _runs("hurt")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and sorted(c.info.run_id for c in children) == runs_before
+    assert all(len(client.get_metric_history(c.info.run_id, "val/top1")) == 2 for c in children)  # nothing trained again
