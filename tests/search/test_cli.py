@@ -59,40 +59,11 @@ def test_recipes_set_overrides(workdir):
     assert recipe["optim"]["lr"] == 0.02 and recipe["reg"]["ema_decay"] == 0.999
 
 
-BAD_INPUT = [
+BAD_INPUT = [  # as real processes: the exit code and stderr a shell sees (the broad table: tests/search/test_bad_inputs.py)
     (["sweep", "nope"], "unknown space 'nope'; available: bit, det, rethinking, rsb"),
-    (["sweep", "--recipe", "nope"], "unknown recipe 'nope'"),
-    (["sweep", "--trials", "0"], "--trials must be 1 to 100000, but got 0"),
-    (["sweep", "--workers", "0"], "runtime.workers"),
-    (["sweep", "--searcher", "bayes"], "unknown searcher 'bayes'; available: tpe, grid, random, cmaes"),
-    (["sweep", "--searcher", "grid"], "searcher grid takes choice params without when/format, but optim.lr is loguniform"),
-    (["sweep", "det", "--data", "digits"], "data.name=digits is a classification dataset"),
-    (["sweep", "det", "--set", "model.pretrained=/no/such.pt"], "model.pretrained: checkpoint '/no/such.pt' does not exist"),
-    (["sweep", "det", "--data", "/no/coco"], "/no/coco"),
-    (["study", "nope"], "unknown study 'nope'; available: rethinking"),
-    (["study", "rethinking", "--schedules", "1,x"], "--schedules takes comma-separated numbers"),
-    (["study", "rethinking", "--fractions", "0"], "--fractions takes data fractions in (0, 1]"),
-    (["study", "rethinking", "--data", "/no/coco"], "/no/coco"),
-    (["sweep", "--scheduler", "pbt"], "unknown scheduler 'pbt'; available: asha"),
-    (["sweep", "--set", "optim.lrr=1"], "unknown recipe key 'optim.lrr'"),
-    (["sweep", "--set", "optim.weight_decay=-1"], "optim.weight_decay"),
-    (["sweep", "--set", "data.fraction=2"], "data.fraction"),
-    (["sweep", "--set", "optim.lr=0.1"], "--set optim.lr fixes a key that space 'rsb' searches"),
-    (["train", "rsb-a3", "--set", "optim.name=lamb2"], "unknown optimizer 'lamb2'"),
-    (["sweep", "--set", "model.norm=syncbn"], "SyncBatchNorm layers only work with GPU modules"),
-    (["sweep", "--set", "data.repeated_aug=3"], "data.repeated_aug=3 needs runtime.workers >= 2"),
-    (["train", "rsb-digits", "--set", "data.repeated_aug=3"], "data.repeated_aug=3 needs runtime.workers >= 2"),
-    (["sweep", "--data", "/nonexistent/data"], "does not exist"),
-    (["sweep", "--storage", "/proc/forbidden"], "cannot be written"),
-    (["sweep", "--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
     (["sweep", "--address", "127.0.0.1:9"], "does not answer"),
-    (["train", "nope"], "unknown recipe 'nope'"),
     (["train", "rsb-digits", "--set", "optim.lr=-0.1"], "optim.lr: input should be greater than 0, but got -0.1"),
-    (["resume", "nope"], "no sweep 'nope'"),
-    (["recipes", "nope"], "unknown recipe 'nope'"),
     (["status", "nope"], "no sweep 'nope'"),
-    (["best", "nope"], "no sweep 'nope'"),
-    (["ui", "--host", "0.0.0.0"], "--host '0.0.0.0' serves the tracking store to other machines, and MLflow's UI has no login"),
 ]
 
 
