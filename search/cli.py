@@ -76,10 +76,12 @@ EXIT_ALL_FAILED = 1  # the sweep ran, and no trial produced a result
 
 def _launch(spec, resume: bool = False) -> None:
     from search.plan import plan_sweep
-    from search.sweep import hold_lease
+    from search.sweep import hold_lease, repair_damaged
 
     plan = plan_sweep(spec, resume=resume)
     with hold_lease(plan.sweep_dir):
+        if resume:
+            repair_damaged(plan)
         _run(plan, resume)
 
 
@@ -296,13 +298,14 @@ def confirm(
             _fail(f"sweep {sweep_dir!r} is confirmed already, its top {done.get('top')} over {len(done['seeds'])} seeds (recipe-search status shows it)")
         print(format_confirmation(done))
         return
-    from search.sweep import hold_lease
+    from search.sweep import hold_lease, repair_damaged
 
     spec = load_sweep_spec(sweep_dir, tracking_uri)
     if spec.study or spec.searcher is None:
         _fail(f"{sweep_dir!r} is {'a study of seeds' if spec.study else 'a single run'}, not a search: it has no recipes to confirm")
     plan = plan_sweep(spec, resume=True)
     with hold_lease(plan.sweep_dir):
+        repair_damaged(plan)
         _confirm(plan, top, seeds)
 
 

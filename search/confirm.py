@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from spaces import SweepError, flatten, resolve_recipe
 
-from search.layout import CONFIRM_DIR, CONFIRMATION_FILE, META_DIR, read_confirmation, read_run_map, read_state
+from search.layout import CONFIRM_DIR, CONFIRMATION_FILE, META_DIR, read_confirmation, read_run_map, read_state, write_json
 
 __all__ = [
     "ConfirmationPlan",
@@ -146,11 +146,7 @@ def plan_confirmation(sweep_dir: str, top: int, seeds: int, recipe_of, name_of) 
 
 
 def write_plan(directory: str, plan: ConfirmationPlan) -> ConfirmationPlan:
-    path = os.path.join(directory, PLAN_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(plan, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(directory, PLAN_FILE), plan)
     return plan
 
 

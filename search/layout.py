@@ -46,6 +46,7 @@ __all__ = [
     "resolve_run",
     "trial_checkpoint",
     "winner_trial",
+    "write_json",
 ]
 
 # The sweep's own files live in a subfolder: on resume, Tune copies the top-level .json
@@ -145,10 +146,18 @@ def read_run_map(sweep_dir: str) -> dict[str, Any]:
     return runs
 
 
+def write_json(path: str, data: Any) -> None:
+    """``data`` as the JSON file ``path``, atomically: readers see the old file or the whole new one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def set_aside_damaged(sweep_dir: str) -> list[str]:
-    """Before a resume: a damaged ``state.json`` or ``mlflow_runs.json`` (of the sweep, and of its confirmation)
-    is renamed to ``*.damaged``; the resumed driver rebuilds the state from the trials Tune restores and the
-    run map from the MLflow runs' tags. The paths set aside."""
+    """Under a resume's lease: a damaged ``state.json`` or ``mlflow_runs.json`` (of the sweep, and of its
+    confirmation) is renamed to ``*.damaged``, for the driver to rebuild (the state from the trials Tune
+    restores, the run map from the MLflow runs' tags). The paths set aside."""
     moved = []
     for directory in (sweep_dir, os.path.join(sweep_dir, CONFIRM_DIR)):
         for name, reader in ((STATE_FILE, read_state), (RUNS_FILE, read_run_map)):
@@ -222,11 +231,6 @@ def check_no_driver(sweep_dir: str) -> None:
         )
 
 
-def _same_lease(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> bool:
-    keys = ("host", "pid", "started", "heartbeat")
-    return a is not None and b is not None and all(a.get(k) == b.get(k) for k in keys)
-
-
 def _read_lease(path: str) -> Optional[dict[str, Any]]:
     try:
         with open(path) as f:
@@ -236,38 +240,64 @@ def _read_lease(path: str) -> Optional[dict[str, Any]]:
         return None
 
 
+TAKEOVER_TIMEOUT_S = 30.0  # a takeover lock older than this was left by a driver that died taking over
+
+
+def _create_exclusive(source: str, path: str) -> bool:
+    """Create ``path`` with ``source``'s content unless it exists, atomically: a hard link (whole content at
+    once, also on NFS), or on file systems without hard links an exclusive create. False when it existed."""
+    try:
+        os.link(source, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE and SMB mounts)
+        pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f, open(source) as content:
+        f.write(content.read())
+    return True
+
+
 def take_lease(sweep_dir: str, lease: dict[str, Any]) -> None:
-    """Write ``lease`` as the sweep's driver lease, atomically against other drivers doing the same:
-    created with a hard link (fails if one exists, also on NFS), a stale one moved aside by a rename
-    that only one driver can win. Raises ``SweepError`` naming the live holder."""
+    """Write ``lease`` as the sweep's driver lease, atomically against other drivers doing the same: it is
+    created only where none exists; a stale one is removed only by the driver holding the takeover lock
+    (created the same way), which checks, under it, that the lease is still the stale one it judged.
+    Raises ``SweepError`` naming the live holder."""
+    import time
+
     path = os.path.join(sweep_dir, LEASE_FILE)
-    mine = f"{path}.{socket.gethostname()}.{os.getpid()}"
-    with open(mine + ".tmp", "w") as f:
+    lock = path + ".takeover"
+    mine = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
         json.dump(lease, f)
     try:
-        for _ in range(3):
-            try:
-                os.link(mine + ".tmp", path)
+        for _ in range(5):
+            if _create_exclusive(mine, path):
                 return
-            except FileExistsError:
-                pass
-            seen = _read_lease(path)
             check_no_driver(sweep_dir)  # a live holder: one line naming it
-            try:  # stale: move it aside; of two drivers doing this, one rename finds the file gone
-                os.rename(path, mine + ".stale")
+            try:  # a takeover lock left by a driver that died while taking over goes stale too
+                if time.time() - os.stat(lock).st_mtime > TAKEOVER_TIMEOUT_S:
+                    os.remove(lock)
             except FileNotFoundError:
+                pass
+            if not _create_exclusive(mine, lock):
+                time.sleep(0.2)  # another driver is taking over: see what it made of the lease
                 continue
-            moved = _read_lease(mine + ".stale")
-            if seen is not None and not _same_lease(moved, seen):  # a live lease taken in between: put it back
-                with contextlib.suppress(OSError):
-                    os.link(mine + ".stale", path)
-                check_no_driver(sweep_dir)
-            with contextlib.suppress(OSError):
-                os.remove(mine + ".stale")
+            try:
+                if live_lease(sweep_dir) is None:  # still stale (or gone) under the lock: remove it, then create ours
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            finally:
+                os.remove(lock)
+        check_no_driver(sweep_dir)
         raise SweepError(f"sweep {os.path.basename(sweep_dir)!r}: other drivers are taking it at the same moment; try again")
     finally:
         with contextlib.suppress(OSError):
-            os.remove(mine + ".tmp")
+            os.remove(mine)
 
 
 def renew_lease(sweep_dir: str, lease: dict[str, Any]) -> bool:
@@ -279,7 +309,7 @@ def renew_lease(sweep_dir: str, lease: dict[str, Any]) -> bool:
     current = _read_lease(path)
     if current is None or any(current.get(k) != lease.get(k) for k in ("host", "pid", "started")):
         return False
-    mine = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    mine = f"{path}.{socket.gethostname()}.{os.getpid()}.beat"
     with open(mine, "w") as f:
         json.dump({**lease, "heartbeat": time.time()}, f)
     os.replace(mine, path)
@@ -316,6 +346,20 @@ def disk_full(err: Optional[BaseException]) -> Optional[str]:
     return None
 
 
+def _private_group(gid: int) -> bool:
+    """Whether ``gid`` is this user's own group with no other members (the user private groups of Debian,
+    Ubuntu and Fedora, whose umask 002 leaves files group-writable): writable by the group is by no one else."""
+    import grp
+    import pwd
+
+    try:
+        user, group = pwd.getpwuid(os.getuid()), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    others = {u.pw_name for u in pwd.getpwall() if u.pw_gid == gid} | set(group.gr_mem)
+    return group.gr_name == user.pw_name and gid == user.pw_gid and others <= {user.pw_name}
+
+
 def check_private(sweep_dir: str) -> None:
     """Refuse to resume from a sweep folder others can change: resume unpickles Tune's ``tuner.pkl``,
     experiment state and searcher, and this project's scheduler, and whoever can write those files runs
@@ -331,13 +375,13 @@ def check_private(sweep_dir: str) -> None:
             for pattern in ("*.pkl", "*-state-*.json", "*_state-*.json"):
                 paths.extend(sorted(glob.glob(os.path.join(folder, pattern))))
     for path in paths:
-        info = os.lstat(path)
+        info = os.stat(path)  # a symlinked sweep folder: its target's owner and mode
         if info.st_uid != os.getuid():
             raise SweepError(
                 f"refusing to resume: {path!r} belongs to another user (uid {info.st_uid}); resume unpickles this sweep's "
                 "state, which runs code as you: resume it as its owner, or copy the folder you trust and resume the copy"
             )
-        if info.st_mode & 0o022:
+        if info.st_mode & 0o002 or (info.st_mode & 0o020 and not _private_group(info.st_gid)):
             raise SweepError(
                 f"refusing to resume: {path!r} is writable by other users (mode {info.st_mode & 0o777:o}); resume unpickles "
                 f"this sweep's state, so whoever can write there can run code as you; if you trust them: chmod -R go-w {sweep_dir!r}"

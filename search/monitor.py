@@ -23,8 +23,8 @@ from ray.tune.experiment import Trial
 from spaces import Recipe
 from trainables.report import Progress, TrialReport, Unit
 
-from search.layout import DISK_FULL, STATE_FILE, read_state
-from search.tracking import error_line
+from search.layout import STATE_FILE, read_state
+from search.tracking import error_line, trial_out_of_disk
 
 __all__ = ["SweepMonitor", "better"]
 
@@ -109,7 +109,21 @@ class SweepMonitor(Callback):
         elapsed = time.time() - self.started
         print(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {text}", file=self.out, flush=True)
 
+    SAVE_EVERY_S = 1.0  # results are saved at most this often; a trial's start and end at once
+
+    def _save_soon(self) -> None:
+        """A result: ``state.json`` at most once a second (it holds every trial: rewriting it per result
+        costs the driver O(trials) per result); ``on_step_end`` writes what is left."""
+        self.dirty = True
+        if time.monotonic() - getattr(self, "saved_at", 0.0) >= self.SAVE_EVERY_S:
+            self._save()
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if getattr(self, "dirty", False) and time.monotonic() - getattr(self, "saved_at", 0.0) >= self.SAVE_EVERY_S:
+            self._save()
+
     def _save(self) -> None:
+        self.dirty, self.saved_at = False, time.monotonic()
         path = os.path.join(self.sweep_dir, STATE_FILE)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
@@ -148,7 +162,7 @@ class SweepMonitor(Callback):
         record["metrics"] = report.metrics
         # Time spent training and evaluating, for the overhead benchmark (wall time minus this).
         record["train_s"] = record.get("train_s", 0.0) + report.metrics.get("epoch_s", report.metrics.get("period_s", 0.0))
-        self._save()
+        self._save_soon()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         report = TrialReport.from_result(trial.last_result)
@@ -224,12 +238,12 @@ class SweepMonitor(Callback):
         self._save()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        error = error_line(trial)
-        if any(marker in error for marker in DISK_FULL):
+        full = trial_out_of_disk(trial, self.sweep_dir)
+        if full:
             # Not the recipe's fault, and every trial after it would fail the same way: the sweep stops as if
             # interrupted (the trial stays unfinished, to go on from its checkpoint once there is room).
-            raise OSError(errno.ENOSPC, f"trial {trial.trial_id} ran out of disk: {error[:200]}")
-        self._failed(trial, error)
+            raise OSError(errno.ENOSPC, f"trial {trial.trial_id} ran out of disk: {full[:200]}")
+        self._failed(trial, error_line(trial))
 
     def _failed(self, trial: Trial, error: str) -> None:
         record = self._record(trial)

@@ -7,12 +7,12 @@ absolute paths, the sweep's directory and tracking URI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +28,10 @@ from trainables.report import Unit
 
 from search.algorithms import check_names, grid_points
 from search.confirm import check_request
-from search.layout import OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, check_no_driver, check_private, resolve_run, set_aside_damaged
+from search.layout import (
+    CONFIRM_DIR, OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, DamagedFile, check_no_driver, check_private, read_run_map, read_state,
+    resolve_run,
+)
 from search.tracking import check_tracking_uri, database_url, resolve_tracking_uri, short_uri
 from search.trial import LAUNCHERS
 
@@ -123,7 +126,7 @@ def _check_address(address: str) -> None:
         return  # a TLS cluster: the handshake below would need its certificates
     import grpc  # Ray's GCS and its client server speak gRPC: a port that takes TCP but not HTTP/2 is something else
 
-    channel = grpc.insecure_channel(f"{host or '127.0.0.1'}:{port}")
+    channel = grpc.insecure_channel(f"{host or '127.0.0.1'}:{port}", options=[("grpc.enable_http_proxy", 0)])  # as Ray connects
     try:
         grpc.channel_ready_future(channel).result(timeout=5)
     except grpc.FutureTimeoutError:
@@ -435,8 +438,10 @@ def _check_resumable(sweep_dir: Path) -> None:
     readable, its pickles in folders no one else can write (one-line errors)."""
     check_no_driver(str(sweep_dir))
     check_private(str(sweep_dir))
-    for path in set_aside_damaged(str(sweep_dir)):
-        print(f"{path} is damaged: kept as {os.path.basename(path)}.damaged; this resume rebuilds it from Tune's experiment and MLflow", file=sys.stderr)
+    for directory in (sweep_dir, sweep_dir / CONFIRM_DIR):
+        for reader in (read_state, read_run_map):
+            with contextlib.suppress(DamagedFile):  # rebuilt by the resumed driver (sweep.repair_damaged)
+                reader(str(directory))
     try:
         written = json.loads((sweep_dir / SPEC_FILE).read_text()).get("format", 1)
     except (OSError, ValueError, AttributeError):

@@ -29,13 +29,13 @@ from search.confirm import (
     ConfirmationPlan, confirm_dir, confirmation_summary, format_confirmation, plan_confirmation, write_confirmation,
 )
 from search.layout import (
-    BEST_RECIPE_FILE, LOG_FILE, META_DIR, SPEC_FILE, STATE_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
-    disk_full, read_state, release_lease, renew_lease, take_lease, trial_checkpoint,
+    BEST_RECIPE_FILE, LOG_FILE, META_DIR, RUNS_FILE, SPEC_FILE, STATE_FILE, SWEEP_FORMAT, check_no_driver, read_run_map,
+    disk_full, read_state, release_lease, renew_lease, set_aside_damaged, take_lease, trial_checkpoint,
 )
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
 from search.report import write_report
-from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, run_name
+from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, rebuild_run_map, run_name
 from search.trial import ConfirmationResources, confirmation_recipe, run_confirmation_trial, run_trial, trial_resources, uses_ray_train
 
 __all__ = ["hold_lease", "init_ray", "build_tuner", "run_confirmation", "run_replicates", "run_sweep", "sweep_trainable", "write_spec"]
@@ -54,7 +54,7 @@ def _route_ray_logs(sweep_dir: str) -> None:
     """Ray's and Tune's log records go to ``ray.log`` in the sweep directory, not the terminal."""
     handler = _LogFile(os.path.join(sweep_dir, LOG_FILE))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna", "mlflow", "alembic"):
+    for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna", "mlflow", "alembic", "search"):
         log = logging.getLogger(name)
         for old in list(log.handlers):
             log.removeHandler(old)
@@ -279,13 +279,14 @@ def _fit(tuner, sweep_dir: str) -> Optional[str]:
 def _stopped(stopped: Optional[str], tracker: MlflowTracking, monitor: SweepMonitor) -> dict[str, Any]:
     """After a stop: open MLflow runs KILLED, running trials back to pending (each as far as a full disk
     lets it); what the caller returns, with ``"disk_full"`` when that stopped it."""
-    for close in (tracker.close_interrupted, monitor.mark_interrupted):
+    for close in (monitor.mark_interrupted, tracker.close_interrupted):
         try:
             close()
-        except Exception as err:  # noqa: BLE001 - only a full disk is expected here
+        except Exception as err:  # noqa: BLE001 - a full disk, a tracking store that does not answer: resume reopens the runs
             full = disk_full(err)
             if full is None:
-                raise
+                logger.warning("could not mark the sweep's open MLflow runs KILLED: %s", str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+                continue
             stopped = stopped if stopped not in (None, INTERRUPTED) else full
     return {"interrupted": True, **({"disk_full": stopped} if stopped not in (None, INTERRUPTED) else {})}
 
@@ -301,7 +302,12 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
     # from folders others can write (layout.check_private).
     umask = os.umask(0o022)
     os.umask(umask | 0o022)
-    created = not os.path.isdir(sweep_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(sweep_dir)), exist_ok=True)
+    try:  # created here, by this driver (of two launched with the same name, only one creates it)
+        os.mkdir(sweep_dir)
+        created = True
+    except FileExistsError:
+        created = False
     os.makedirs(os.path.join(sweep_dir, META_DIR), exist_ok=True)
     now = time.time()
     lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now}
@@ -340,6 +346,20 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
         # no folder: its name stays free. Once a trial started, the sweep is kept for resume.
         if created and (failed or not os.path.exists(os.path.join(sweep_dir, SPEC_FILE))) and not os.path.exists(os.path.join(sweep_dir, STATE_FILE)):
             shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
+def repair_damaged(plan: SweepPlan, out=None) -> None:
+    """Under the resume's lease: a damaged state or run map is kept as ``*.damaged``; the run map is rebuilt
+    from the MLflow runs' tags now, the state from the trials Tune restores when it runs (``SweepMonitor``)."""
+    out = out or sys.stdout
+    for path in set_aside_damaged(plan.sweep_dir):
+        directory = os.path.dirname(os.path.dirname(path))
+        print(f"{path} was damaged: kept as {os.path.basename(path)}.damaged, rebuilt from Tune's experiment and MLflow", file=out)
+        if path.endswith(os.path.basename(RUNS_FILE)):
+            phase = "search" if directory == plan.sweep_dir else "confirm"
+            if plan.spec.study:
+                phase = "study"
+            rebuild_run_map(directory, plan.tracking_uri, plan.name, phase, plan.space.metric)
 
 
 def write_spec(plan: SweepPlan) -> None:

@@ -8,6 +8,7 @@ directory, so a resumed sweep keeps writing to the same runs.
 
 from __future__ import annotations
 
+import errno
 import getpass
 import json
 import logging
@@ -15,6 +16,7 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -28,7 +30,7 @@ from spaces import Recipe, SweepError, flatten, recipe_to_yaml
 from spaces.errors import short
 from trainables.report import TrialReport
 
-from search.layout import RUNS_FILE, read_run_map
+from search.layout import DISK_FULL, RUNS_FILE, read_run_map, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FLUSH_AT_END_S = 600.0  # how long the end of a sweep waits for MLflow writes a tracking-store outage held back
+FLUSH_ON_STOP_S = 30.0  # the same when the driver was interrupted
 TAG_TRIAL = "recipe_search.trial_id"
 TAG_SWEEP = "recipe_search.sweep"
 TAG_RECIPE = "recipe_search.recipe"
@@ -59,6 +63,7 @@ TAG_SEED = "recipe_search.seed"
 # How a trial ended, as its run's outcome tag (MLflow's status says only FINISHED / FAILED / KILLED).
 OUTCOMES = ("completed", "stopped_early", "failed", "interrupted")
 _MLFLOW_BATCH = 200  # params per log_batch call (MLflow allows 100 params, 1000 metrics a batch)
+_METRICS_BATCH = 1000
 # Short names of searched keys in run names (t07 adamw lr=6.7e-3 wd=4.1e-4).
 _SHORT = {
     "weight_decay": "wd", "momentum": "mom", "warmup_epochs": "warmup", "warmup_iters": "warmup", "mixup_alpha": "mixup",
@@ -136,7 +141,8 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
 
 def database_url(url: str) -> str:
     """A database URL as users write it, in the form SQLAlchemy loads with the drivers the install extras
-    bring: ``postgres://`` is ``postgresql://`` (psycopg2, ``recipe-search[postgres]``); ``mysql://`` is
+    bring: ``postgres://`` is ``postgresql://`` (SQLAlchemy's default driver for it, psycopg 3, in
+    ``recipe-search[postgres]``); ``mysql://`` is
     ``mysql+pymysql://`` (``recipe-search[mysql]``) unless mysqlclient's ``MySQLdb`` is installed."""
     import importlib.util
 
@@ -145,6 +151,86 @@ def database_url(url: str) -> str:
     if url.startswith("mysql://") and importlib.util.find_spec("MySQLdb") is None and importlib.util.find_spec("pymysql") is not None:
         return "mysql+pymysql://" + url[len("mysql://"):]
     return url
+
+
+class MlflowWriter:
+    """MLflow writes off Tune's control loop: a thread that makes them in the order they were queued,
+    each run's metrics batched into few ``log_batch`` calls, and retries what fails (a tracking server
+    down for a while) until it lands, so nothing queued is lost while the sweep goes on. ``written``
+    is called in the thread after each batch that landed, with the ``(trial_id, step)`` of its metrics."""
+
+    RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+    def __init__(self, client: MlflowClient, written: Callable[[list[tuple[str, int]]], None]) -> None:
+        self.client = client
+        self.written = written
+        self.queue: list[tuple] = []
+        self.busy = False
+        self.failing = 0  # consecutive failed attempts (0: the store answers)
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="recipe-search-mlflow", daemon=True)
+        self.thread.start()
+
+    def metrics(self, trial_id: str, run_id: str, step: int, metrics: list[Metric]) -> None:
+        self._put(("metrics", trial_id, run_id, step, metrics))
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Any other client call, in order after what was queued before it."""
+        self._put(("call", function, args, kwargs))
+
+    def _put(self, item: tuple) -> None:
+        with self.condition:
+            self.queue.append(item)
+            self.condition.notify_all()
+
+    def flush(self, timeout: Optional[float] = None) -> int:
+        """Wait until everything queued has landed (or ``timeout``); the number of writes still pending."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.condition:
+            while self.queue or self.busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self.condition.wait(left)
+            return len(self.queue) + self.busy
+
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                while not self.queue:
+                    self.condition.wait()
+                items, self.queue, self.busy = self.queue, [], True
+            done = 0
+            while done < len(items):
+                try:
+                    done += self._write(items[done:])
+                    self.failing = 0
+                except Exception as err:  # noqa: BLE001 - any store error: wait, then the same writes again
+                    self.failing += 1
+                    wait = self.RETRY_S[min(self.failing, len(self.RETRY_S)) - 1]
+                    logger.warning("MLflow write failed (%s); retrying in %.0f s, %d writes kept", str(err).splitlines()[0][:200], wait, len(items) - done)
+                    time.sleep(wait)
+            with self.condition:
+                self.busy = False
+                self.condition.notify_all()
+
+    def _write(self, items: list[tuple]) -> int:
+        """Make the first write of ``items``: a call, or the metrics of every consecutive item of the same
+        run (up to MLflow's batch limit); the number of items it covered."""
+        if items[0][0] == "call":
+            _, function, args, kwargs = items[0]
+            function(*args, **kwargs)
+            return 1
+        run_id, batch, steps = items[0][2], [], []
+        for item in items:
+            if item[0] != "metrics" or item[2] != run_id or (steps and len(batch) + len(item[4]) > _METRICS_BATCH):
+                break
+            batch.extend(item[4])
+            steps.append((item[1], item[3]))
+        for start in range(0, len(batch), _METRICS_BATCH):
+            self.client.log_batch(run_id, metrics=batch[start : start + _METRICS_BATCH])
+        self.written(steps)
+        return len(steps)
 
 
 class MlflowTracking(Callback):
@@ -215,6 +301,40 @@ class MlflowTracking(Callback):
         self.experiment_id: Optional[str] = None
         self.datasets: dict[tuple, Optional[DatasetInput]] = {}  # one summary per distinct selection of samples
         self.devices: dict[str, float] = {}
+        self.queued_steps: dict[str, int] = {}  # the last step of each trial handed to the writer
+        self.lock = threading.Lock()  # the run map, written by Tune's loop and by the writer's thread
+        self._writer: Optional[MlflowWriter] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the tuner: a thread and a lock do not pickle.
+        state = dict(self.__dict__)
+        state["_writer"], state["lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
+    @property
+    def writer(self) -> MlflowWriter:
+        if self._writer is None:
+            self._writer = MlflowWriter(self.client, self._written)
+        return self._writer
+
+    def _written(self, steps: list[tuple[str, int]]) -> None:
+        """In the writer's thread: metrics landed up to these steps; the map says so (a resume logs no step twice)."""
+        with self.lock:
+            for trial_id, step in steps:
+                self.last_steps[trial_id] = max(step, self.last_steps.get(trial_id, 0))
+        self._save_map()
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait for the queued MLflow writes; past ``timeout``, say how many could not be made."""
+        if self._writer is None:
+            return
+        pending = self._writer.flush(timeout)
+        if pending:
+            logger.warning("%d MLflow writes could not be made in %.0f s (the tracking store does not answer)", pending, timeout or 0)
 
     # -- run map ---------------------------------------------------------------
     @property
@@ -223,14 +343,15 @@ class MlflowTracking(Callback):
 
     def _save_map(self) -> None:
         os.makedirs(os.path.dirname(self._runs_path), exist_ok=True)
-        saved = {
-            "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": self.run_ids,
-            "last_steps": self.last_steps, "best_values": self.best_values,
-        }
-        tmp = self._runs_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(saved, f, indent=1)
-        os.replace(tmp, self._runs_path)
+        with self.lock:  # one writer of the file at a time, from a consistent copy
+            saved = {
+                "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": dict(self.run_ids),
+                "last_steps": dict(self.last_steps), "best_values": dict(self.best_values),
+            }
+            tmp = self._runs_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(saved, f, indent=1)
+            os.replace(tmp, self._runs_path)
 
     def _load_map(self) -> None:
         saved = read_run_map(self.sweep_dir)  # checked: a damaged map is a one-line error
@@ -342,7 +463,7 @@ class MlflowTracking(Callback):
         if run_id is None or report is None or report.progress is None:
             return
         step = report.progress.done  # the epoch, or the iteration (detection, step schedules)
-        if step <= self.last_steps.get(trial.trial_id, 0):
+        if step <= max(self.last_steps.get(trial.trial_id, 0), self.queued_steps.get(trial.trial_id, 0)):
             return  # an epoch re-done after a restart is not logged twice
         values = {**report.metrics, report.progress.unit.value: step}
         if TIME_TOTAL_S in result:
@@ -352,18 +473,17 @@ class MlflowTracking(Callback):
         if value is not None and math.isfinite(value) and (best is None or (value > best if self.mode == "max" else value < best)):
             self.best_values[trial.trial_id] = values[f"best/{self.metric}"] = value
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)])
-        self.last_steps[trial.trial_id] = step
-        self._save_map()
+        self.queued_steps[trial.trial_id] = step
+        self.writer.metrics(trial.trial_id, run_id, step, [Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)])
 
     def _finish(self, trial: Trial, status: str, outcome: str, **tags: str) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        self.client.set_tag(run_id, TAG_OUTCOME, outcome)
+        self.writer.call(self.client.set_tag, run_id, TAG_OUTCOME, outcome)  # after the run's last metrics
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value[:5000])
-        self.client.set_terminated(run_id, status=status)
+            self.writer.call(self.client.set_tag, run_id, key, value[:5000])
+        self.writer.call(self.client.set_terminated, run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         report = TrialReport.from_result(trial.last_result)
@@ -378,13 +498,18 @@ class MlflowTracking(Callback):
             self._finish(trial, "FINISHED", "stopped_early", **{TAG_STOPPED_AT: where})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        full = trial_out_of_disk(trial, self.sweep_dir)
+        if full:  # the sweep stops as if interrupted; its run stays open, to go on after a resume
+            self.stopping = True
+            raise OSError(errno.ENOSPC, f"trial {trial.trial_id} ran out of disk: {full[:200]}")
         self._finish(trial, "FAILED", "failed", **{TAG_ERROR: error_line(trial)})
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self.resumed:  # restored with every trial done, so no step ran: the map is checked here
             self.on_step_begin(0, trials)
-        if self.parent_run_id is None or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials):
-            return  # interrupted: close_interrupted marks the open runs
+        if self.parent_run_id is None or getattr(self, "stopping", False) or any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials):
+            return  # interrupted, or stopped by a full disk: close_interrupted marks the open runs
+        self.flush(FLUSH_AT_END_S)
         self.client.set_terminated(self.parent_run_id, status="FINISHED")
 
     def log_best(self, best: dict[str, Any], files: dict[str, str]) -> None:
@@ -429,12 +554,59 @@ class MlflowTracking(Callback):
 
     def close_interrupted(self) -> None:
         """The driver was interrupted: the parent and every run still open are KILLED, tagged interrupted."""
+        self.flush(FLUSH_ON_STOP_S)
         if self.parent_run_id:
             self.client.set_terminated(self.parent_run_id, status="KILLED")
         for run_id in self.run_ids.values():
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_tag(run_id, TAG_OUTCOME, "interrupted")
                 self.client.set_terminated(run_id, status="KILLED")
+
+
+def rebuild_run_map(directory: str, tracking_uri: str, experiment_name: str, phase: str, metric: str) -> dict[str, Any]:
+    """The trial -> MLflow run map of ``directory`` rebuilt from the runs' tags (its file was damaged): the
+    parent, each trial's run of ``phase``, the last step logged and the best value so far of each."""
+    client = MlflowClient(tracking_uri)
+    saved: dict[str, Any] = {"experiment_id": None, "parent_run_id": None, "trials": {}, "last_steps": {}, "best_values": {}}
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        saved["experiment_id"] = experiment.experiment_id
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{experiment_name}'",
+                                  max_results=50_000, order_by=["attributes.start_time ASC"])
+        for run in runs:
+            tags, trial_id = run.data.tags, run.data.tags.get(TAG_TRIAL)
+            if trial_id is None:
+                if "mlflow.parentRunId" not in tags and saved["parent_run_id"] is None:
+                    saved["parent_run_id"] = run.info.run_id
+                continue
+            if tags.get(TAG_PHASE, "search") != phase or trial_id in saved["trials"]:
+                continue
+            saved["trials"][trial_id] = run.info.run_id
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+            if steps:
+                saved["last_steps"][trial_id] = max(steps)
+            if f"best/{metric}" in run.data.metrics:
+                saved["best_values"][trial_id] = run.data.metrics[f"best/{metric}"]
+    write_json(os.path.join(directory, RUNS_FILE), saved)
+    return saved
+
+
+LOW_DISK_BYTES = 64 << 20  # free space under which "No space left on device" is taken to be the sweep's disk
+
+
+def trial_out_of_disk(trial: Trial, directory: str) -> Optional[str]:
+    """The error of a trial that failed for want of room where the sweep keeps its files, or None: its error
+    says a disk is full, and the sweep's has almost no room left (a full ``/dev/shm`` or a worker's own
+    scratch disk is that trial's failure, not a reason to stop the sweep)."""
+    import shutil
+
+    error = error_line(trial)
+    if not any(marker in error for marker in DISK_FULL):
+        return None
+    try:
+        return error if shutil.disk_usage(directory).free < LOW_DISK_BYTES else None
+    except OSError:
+        return None
 
 
 def error_line(trial: Trial) -> str:
@@ -473,18 +645,16 @@ def check_tracking_uri(uri: str) -> None:
         _check_database_uri(uri)
 
 
-# SQLAlchemy's driver name -> the module it imports, and what installs it.
-_DB_DRIVERS = {
-    "psycopg": ("psycopg", "'recipe-search[postgres]'"), "psycopg2": ("psycopg2", "'recipe-search[postgres]'"),
-    "pymysql": ("pymysql", "'recipe-search[mysql]'"), "mysqldb": ("MySQLdb", "'recipe-search[mysql]' and write mysql+pymysql://"),
-    "pyodbc": ("pyodbc", "pyodbc"),
+# What installs the drivers of the install extras (SQLAlchemy's driver name -> what to install).
+_DB_EXTRAS = {
+    "psycopg": "'recipe-search[postgres]'", "psycopg2": "'recipe-search[postgres]'",
+    "pymysql": "'recipe-search[mysql]'", "mysqldb": "'recipe-search[mysql]' and write mysql+pymysql://",
 }
 _DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
 def _check_database_uri(uri: str) -> None:
-    """A database tracking URI: a scheme MLflow stores runs in, its Python driver installed, its server answering."""
-    import importlib.util
+    """A database tracking URI: a database MLflow stores runs in, its SQLAlchemy driver importable, its server answering."""
     import socket
     from urllib.parse import urlsplit
 
@@ -496,17 +666,21 @@ def _check_database_uri(uri: str) -> None:
     if scheme in ("file", "databricks", "databricks-uc", "uc"):
         return
     try:
-        driver = make_url(uri).get_dialect().driver if scheme.split("+")[0] in _DB_PORTS else None
+        dialect = make_url(uri).get_dialect() if scheme.split("+")[0] in _DB_PORTS else None
     except (ArgumentError, NoSuchModuleError, ValueError):
-        driver = None
-    if driver not in _DB_DRIVERS:
+        dialect = None
+    if dialect is None:
         raise SweepError(
             f"MLflow tracking URI {short_uri(uri)}: unknown scheme {scheme!r} (sqlite:///PATH, http(s)://HOST, a folder, "
-            "or a database: postgresql://, postgresql+psycopg2://, mysql://, mysql+pymysql://, mssql+pyodbc://)"
+            "or a database: postgresql://, mysql://, mssql+pyodbc://, with an optional +driver)"
         )
-    module, package = _DB_DRIVERS[driver]
-    if importlib.util.find_spec(module) is None:
-        raise SweepError(f"MLflow tracking URI {short_uri(uri)} needs the Python driver {module!r}: pip install {package}")
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        missing = err.name or dialect.driver
+        raise SweepError(
+            f"MLflow tracking URI {short_uri(uri)} needs the Python driver {missing!r}: pip install {_DB_EXTRAS.get(dialect.driver, missing)}"
+        ) from None
     try:
         port = parts.port or _DB_PORTS[scheme.split("+")[0]]
         with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=5):

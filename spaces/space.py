@@ -87,7 +87,7 @@ class Param(BaseModel):
         if self.format is not None:
             try:
                 self.format.format(self.low if self.low is not None else (self.choices or [0])[0])
-            except (IndexError, KeyError, ValueError, AttributeError) as err:
+            except (IndexError, KeyError, ValueError, AttributeError, TypeError) as err:
                 raise ValueError(f"format {short(self.format)} takes one value as {{}}: {err}") from None
         if self.kind == "choice":
             if not self.choices:

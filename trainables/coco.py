@@ -682,7 +682,7 @@ def _check_detections(path: Path, dets: Any, gt: dict[str, Any], iou_type: str) 
         if not _known(det["category_id"], category_ids):
             raise bad(i, f"names category_id {short(det['category_id'])}, which the ground truth does not have")
         if "bbox" in det:
-            problem = _box_problem(det["bbox"], empty=False)
+            problem = _box_problem(det["bbox"], empty=True)
             if problem:
                 raise bad(i, f"has bbox {short(det['bbox'])}, {problem}; a box is [x, y, width, height]")
         if iou_type == "segm":

@@ -140,7 +140,7 @@ class ReadableImageFolder(ImageFolder):
     def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
         try:
             return super().__getitem__(index)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL.UnidentifiedImageError is an OSError
             logger.warning("skipping unreadable image %s: %s", self.samples[index][0], err)
             return None
 
@@ -243,7 +243,7 @@ def _check_decodes(name: str, split: str, dataset: Dataset) -> None:
     for path in sample:
         try:
             inner.loader(path)
-        except (OSError, ValueError, SyntaxError) as err:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             errors.append(f"{path!r}: {str(err)[:120]}")
     if len(errors) >= 2 and len(errors) > MAX_UNREADABLE_FRACTION * len(sample):
         raise DataError(

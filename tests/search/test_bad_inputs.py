@@ -409,7 +409,7 @@ CASES: list[tuple[list[str], str, tuple[Any, ...]]] = [
     (["coco-eval", "gt.json", "dets.json", "--iou-type", "segm"], "nor a list of polygons", (coco(gt=gt_with({"segmentation": [[1, 1, 5, 5]]})),)),
     (["coco-eval", "gt.json", "dets.json", "--iou-type", "segm"], "an RLE whose counts do not cover 80x100 pixels",
      (coco(gt=gt_with({"segmentation": {"size": [80, 100], "counts": [5, 5]}})),)),
-    (["coco-eval", "gt.json", "dets.json"], "detection 0 has bbox [1, 1, 0, 5], with a width or height <= 0", (coco(dets=[{**DET, "bbox": [1, 1, 0, 5]}]),)),
+    (["coco-eval", "gt.json", "dets.json"], "detection 0 has bbox [1, 1, -2, 5], with a width or height < 0", (coco(dets=[{**DET, "bbox": [1, 1, -2, 5]}]),)),
     (["coco-eval", "gt.json", "dets.json"], "detection 1 has bbox [1, 1, 5, -1]", (coco(dets=[DET, {**DET, "bbox": [1, 1, 5, -1]}]),)),
     (["coco-eval", "gt.json", "dets.json"], "detection 0 has bbox [1, nan, 10, 10]", (coco(dets=[{**DET, "bbox": [1, float("nan"), 10, 10]}]),)),
     (["coco-eval", "gt.json", "dets.json"], "detection 0 has bbox [1, 1, 5, 5, 5], not a list of 4 numbers", (coco(dets=[{**DET, "bbox": [1, 1, 5, 5, 5]}]),)),

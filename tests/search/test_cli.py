@@ -454,11 +454,13 @@ RACE = """
 import os, sys, time
 from search.sweep import hold_lease
 from spaces import SweepError
-start = float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
+sweep_dir, barrier = sys.argv[1], sys.argv[2]
+open(os.path.join(barrier, f"ready.{os.getpid()}"), "w").close()
+while not os.path.exists(os.path.join(barrier, "go")):  # every driver imported and waiting: they start together
+    time.sleep(0.001)
 try:
-    with hold_lease(sys.argv[1]):
-        while not os.path.exists(sys.argv[3]):  # held until every other driver has tried
+    with hold_lease(sweep_dir):
+        while not os.path.exists(os.path.join(barrier, "release")):  # held until every other driver has tried
             time.sleep(0.1)
     print("held")
 except SweepError as err:
@@ -471,25 +473,26 @@ def test_drivers_launched_at_the_same_instant_get_the_lease_once(workdir, before
     """Taking the lease is atomic: of six drivers started in the same instant, one runs the sweep."""
     import time
 
-    sweep_dir = workdir / "runs" / "race"
+    sweep_dir, barrier = workdir / "runs" / "race", workdir / "barrier"
     (sweep_dir / "recipe-search").mkdir(parents=True)
+    barrier.mkdir()
     (sweep_dir / "recipe-search" / "state.json").write_text("{}")  # a sweep that exists (kept after the race)
     if before == "a stale lease":
         _lease(sweep_dir, "another-host", 4242, 600)
-    start, release = time.time() + 8, workdir / "release"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    drivers = [
-        subprocess.Popen([sys.executable, "-c", RACE, str(sweep_dir), str(start), str(release)], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(6)
-    ]
-    deadline = time.time() + 90
+    drivers = [subprocess.Popen([sys.executable, "-c", RACE, str(sweep_dir), str(barrier)], env=env, stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    deadline = time.time() + 120
+    while len([f for f in os.listdir(barrier) if f.startswith("ready.")]) < 6 and time.time() < deadline:
+        assert all(d.poll() is None for d in drivers)
+        time.sleep(0.1)
+    (barrier / "go").write_text("")
     while sum(d.poll() is not None for d in drivers) < 5 and time.time() < deadline:
-        time.sleep(0.2)
-    release.write_text("")
+        time.sleep(0.1)
+    (barrier / "release").write_text("")
     outputs = [d.communicate(timeout=60)[0] for d in drivers]
     assert sum(o.startswith("held") for o in outputs) == 1, outputs
     assert all(o.startswith("refused") and "is being run by another driver" in o for o in outputs if not o.startswith("held")), outputs
-    assert sorted(os.listdir(sweep_dir / "recipe-search")) == ["state.json"]  # the lease released, no leftovers
+    assert sorted(os.listdir(sweep_dir / "recipe-search")) == ["state.json"]  # the lease released, no lock or temporary left
 
 
 def test_an_address_that_takes_tcp_but_is_not_ray_is_one_line_within_seconds(workdir):
@@ -515,15 +518,17 @@ def test_resume_refuses_to_unpickle_from_a_folder_others_can_write(workdir):
     write them could run code as the user who resumes."""
     from search.layout import STATE_FILE
 
-    sweep_dir = _damaged_sweep(workdir, "a bad driver", STATE_FILE)  # past this check: "is damaged"
+    sweep_dir = _damaged_sweep(workdir, "a bad driver", STATE_FILE)
+    spec_file = sweep_dir / "recipe-search" / "sweep.json"
+    spec_file.write_text(spec_file.read_text().replace('"format": 2', '"format": 1'))  # past this check: "another version"
     os.chmod(sweep_dir, 0o755)
     os.chmod(sweep_dir / "recipe-search", 0o755)
     pickle = sweep_dir / "tuner.pkl"
     pickle.write_bytes(b"\x80\x04N.")
     cases = [
-        (sweep_dir, 0o775, f"{str(sweep_dir)!r} is writable by other users (mode 775)"),
+        (sweep_dir, 0o777, f"{str(sweep_dir)!r} is writable by other users (mode 777)"),
         (pickle, 0o646, f"{str(pickle)!r} is writable by other users (mode 646)"),
-        (pickle, 0o644, "is damaged"),
+        (pickle, 0o644, "another version of recipe-search"),
     ]
     for path, mode, message in cases:
         os.chmod(path, mode)
@@ -532,7 +537,11 @@ def test_resume_refuses_to_unpickle_from_a_folder_others_can_write(workdir):
             result = run([*command, "--storage", str(workdir / "runs")], workdir)
             assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
         os.chmod(path, 0o755)
-    if os.getuid() == 0:  # another user's file: only root can make one here
+    if os.getuid() == 0:  # another group's and another user's files: only root can make them here
+        os.chmod(pickle, 0o664)
+        os.chown(pickle, 0, 65534)  # writable by the group nogroup
+        result = run(["resume", "hurt", "--storage", str(workdir / "runs")], workdir)
+        assert result.returncode == 2 and f"{str(pickle)!r} is writable by other users (mode 664)" in result.stderr, result.stderr
         os.chmod(pickle, 0o644)
         os.chown(pickle, 65534, 65534)
         result = run(["resume", "hurt", "--storage", str(workdir / "runs")], workdir)
@@ -547,8 +556,10 @@ def test_database_uris_as_users_write_them_and_a_missing_driver_names_the_extra(
 
     assert resolve_tracking_uri("postgres://me@db:5432/runs") == "postgresql://me@db:5432/runs"
     assert resolve_tracking_uri("mysql://me@db/runs") == "mysql+pymysql://me@db/runs"  # the [mysql] extra's driver
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in ("psycopg", "psycopg2", "pymysql", "MySQLdb") else find_spec(name, *args))
+    find_spec, drivers = importlib.util.find_spec, ("psycopg", "psycopg2", "pymysql", "MySQLdb")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in drivers else find_spec(name, *args))
+    for name in drivers:  # not installed: importing them fails
+        monkeypatch.setitem(sys.modules, name, None)
     cases = [
         ("postgresql://me:pw@127.0.0.1:1/runs", "'psycopg': pip install 'recipe-search[postgres]'"),
         ("postgresql+psycopg2://me:pw@127.0.0.1:1/runs", "'psycopg2': pip install 'recipe-search[postgres]'"),

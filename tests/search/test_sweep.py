@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from search.cli import app
 from search.layout import BEST_RECIPE_FILE
 from search.plan import SweepSpec, load_sweep_spec, plan_sweep
-from search.sweep import run_sweep
+from search.sweep import repair_damaged, run_sweep
 from spaces import flatten, parse_space, resolve_recipe, task_keys, validate_recipe
 from trainables.report import TrialReport
 
@@ -518,7 +518,13 @@ def test_resume_rebuilds_a_damaged_state_and_run_map_from_tune_and_mlflow(ray_se
     shown = CliRunner().invoke(app, ["status", "hurt", "--storage", str(workdir / "runs")])
     assert "is damaged (not JSON" in str(shown.exception) and "'recipe-search resume' rebuilds it" in str(shown.exception)  # main(): one line
 
-    rebuilt = run_sweep(plan_sweep(load_sweep_spec(plan.sweep_dir), resume=True), out=io.StringIO(), resume=True)
+    resumed = plan_sweep(load_sweep_spec(plan.sweep_dir), resume=True)  # planning only reads: nothing set aside yet
+    assert not (workdir / "runs" / "hurt" / (STATE_FILE + ".damaged")).exists()
+    repair_damaged(resumed, out=io.StringIO())  # what `resume` does under its lease
+    with open(workdir / "runs" / "hurt" / RUNS_FILE) as f:  # rebuilt from the runs' tags and histories
+        rebuilt_map = json.load(f)
+    assert rebuilt_map["last_steps"] == {t: 2 for t in state["trials"]} and set(rebuilt_map["best_values"]) == set(state["trials"])
+    rebuilt = run_sweep(resumed, out=io.StringIO(), resume=True)
     assert not rebuilt.get("interrupted") and rebuilt == read_state(plan.sweep_dir)
     assert {t: (r["status"], r["metrics"]["val/top1"]) for t, r in rebuilt["trials"].items()} == before
     assert (rebuilt["best"]["trial_id"], rebuilt["best"]["value"]) == (state["best"]["trial_id"], state["best"]["value"])
