@@ -37,7 +37,7 @@ study-rsb: install
 	$(BIN)/recipe-search study rsb --seeds 3
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

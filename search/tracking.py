@@ -8,6 +8,7 @@ directory, so a resumed sweep keeps writing to the same runs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import getpass
 import json
@@ -418,6 +419,12 @@ class MlflowTracking(Callback):
             self.last_steps.pop(trial_id, None)
             self.best_values.pop(trial_id, None)
         self._save_map()
+        # Results Tune recorded (its result.json) that never reached MLflow: the driver was killed before its
+        # writer landed them, and the trial goes on from a later checkpoint. Logged now, in order.
+        for trial in trials:
+            if trial.trial_id in self.run_ids:
+                for result in _recorded_results(trial):
+                    self.on_trial_result(0, trials, trial, result)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if trial.trial_id in self.run_ids:
@@ -589,6 +596,19 @@ def rebuild_run_map(directory: str, tracking_uri: str, experiment_name: str, pha
                 saved["best_values"][trial_id] = run.data.metrics[f"best/{metric}"]
     write_json(os.path.join(directory, RUNS_FILE), saved)
     return saved
+
+
+def _recorded_results(trial: Trial) -> list[dict[str, Any]]:
+    """The results Tune wrote to the trial's ``result.json`` (none when it is not on this machine)."""
+    results = []
+    try:
+        with open(os.path.join(trial.local_path, "result.json")) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    results.append(json.loads(line))
+    except (OSError, TypeError):
+        pass
+    return [r for r in results if isinstance(r, dict)]
 
 
 LOW_DISK_BYTES = 64 << 20  # free space under which "No space left on device" is taken to be the sweep's disk

@@ -27,7 +27,7 @@ def _start_server(port: int, store: str) -> subprocess.Popen:
          "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--default-artifact-root", f"{store}/artifacts"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -58,14 +58,14 @@ def test_results_queued_while_the_tracking_server_is_down_land_when_it_is_back(t
     try:
         for step in range(1, 11):
             writer.metrics("t1", run_id, step, [Metric("val/top1", step / 100, 0, step)])
-        assert writer.flush(60) == 0
+        assert writer.flush(180) == 0
         _stop_server(server)
         for step in range(11, 31):  # the server is down: each call returns at once, nothing is dropped
             writer.metrics("t1", run_id, step, [Metric("val/top1", step / 100, 0, step)])
         writer.call(client.set_tag, run_id, "recipe_search.outcome", "completed")
         assert writer.flush(8) > 0  # still held back
         server = _start_server(port, str(tmp_path))
-        assert writer.flush(120) == 0
+        assert writer.flush(300) == 0
     finally:
         _stop_server(server)
     store = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # what the server stored
