@@ -357,7 +357,7 @@ def test_a_stopped_sweep_resumes_with_nothing_lost(ray_session, workdir, signal_
     assert not state.get("interrupted")
     assert len(state["trials"]) == 3
     records = state["trials"]
-    assert all(r["status"] == "TERMINATED" and r["progress"]["done"] == (2 if r["stopped_early"] else 3) for r in records.values())
+    assert all(r["status"] == "TERMINATED" and r["progress"]["done"] == (2 if r["stopped_early"] else 3) for r in records.values()), records
     assert finished_before <= set(records)
     stopped = [t for t, r in records.items() if r["stopped_early"]]
     if signal_name != "SIGKILL":  # the third trial meets the good one at ASHA's rung, kept across the resume
