@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Optional
@@ -632,6 +633,10 @@ def _usage_error(err: typer.TyperException) -> str:
     return f"error: {_one_line(err.format_message(), MAX_USAGE_LINE)}{where}"
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Run the CLI: every error a user can cause is one line on stderr and exit 2; ``typer.Exit`` codes pass through.
 
@@ -639,8 +644,13 @@ def main() -> None:
     ``typer.TyperException``, not from ``click.ClickException``. Without standalone mode typer returns the
     code of a ``typer.Exit`` (0 after ``--help``) and raises the usage errors and ``typer.Abort``.
     """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # SIGTERM (kill, a batch scheduler) as Ctrl-C, from the start
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         code = app(standalone_mode=False)
+    except KeyboardInterrupt:  # before Tune ran (planning, Ray starting), or after: nothing of a trial to keep
+        typer.echo("error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except RecipeSearchError as err:
         typer.echo(f"error: {_one_line(str(err), MAX_ERROR_LINE)}", err=True)
         sys.exit(EXIT_USAGE)

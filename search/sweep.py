@@ -79,6 +79,8 @@ def init_ray(address: Optional[str] = None) -> None:
     import spaces
     import trainables
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         # Nodes of a remote cluster may not have this project installed: ship it.
@@ -89,6 +91,8 @@ def init_ray(address: Optional[str] = None) -> None:
             raise SweepError(f"the Ray cluster at {address!r} did not take this driver: {str(err).strip().splitlines()[0][:300]}") from None
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+    if callable(on_sigterm):  # the CLI's (SIGTERM as Ctrl-C), which ray.init replaced with its own
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _fit_concurrency(plan: SweepPlan, runtime=None, trials: Optional[int] = None) -> int:

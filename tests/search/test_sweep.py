@@ -535,3 +535,4 @@ def test_resume_rebuilds_a_damaged_state_and_run_map_from_tune_and_mlflow(ray_se
     client, parents, children = _runs("hurt")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and sorted(c.info.run_id for c in children) == runs_before
     assert all(len(client.get_metric_history(c.info.run_id, "val/top1")) == 2 for c in children)  # nothing trained again
+
