@@ -28,11 +28,10 @@ from trainables.report import TrialReport, Unit  # noqa: E402
 CPU_PER_TRIAL = 0.1  # synthetic trials barely use their CPU: many run at once, as on a large cluster
 
 
-def synthetic(config: dict) -> None:
+def synthetic(config: dict, results: int) -> None:
     """R epochs of made-up metrics in the project's report format, reported as fast as Tune takes them."""
     from ray import tune
 
-    results = config["results"]
     for epoch in range(1, results + 1):
         value = config["optim.lr"] * epoch / results
         tune.report(TrialReport.period({"val/top1": value, "val/loss": 1.0 - value, "train/loss": 1.0 - value}, epoch, results, Unit.EPOCH).to_result())
@@ -53,8 +52,8 @@ def measure(trials: int, results: int, full: bool, root: str) -> dict[str, float
         write_spec(plan)
         callbacks = list(_callbacks(plan, io.StringIO(), resume=False))
     tuner = tune.Tuner(
-        tune.with_resources(synthetic, {"cpu": CPU_PER_TRIAL}),
-        param_space={"results": results, "optim.lr": tune.uniform(0.01, 0.3)},
+        tune.with_resources(tune.with_parameters(synthetic, results=results), {"cpu": CPU_PER_TRIAL}),
+        param_space={"optim.lr": tune.uniform(0.01, 0.3)},
         tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=plan.storage_root, callbacks=callbacks, verbose=0),
     )
