@@ -79,6 +79,7 @@ class SweepMonitor(Callback):
         self.run_id_of = run_id_of
         self.out = out or sys.stdout
         self.started = time.time()
+        self.dirty, self.saved_at = False, 0.0  # a result not yet in state.json; when it was last written
         previous = read_state(sweep_dir) or {}
         self.state: dict[str, Any] = {
             "name": name,
@@ -115,11 +116,10 @@ class SweepMonitor(Callback):
         """A result: ``state.json`` at most once a second (it holds every trial: rewriting it per result
         costs the driver O(trials) per result); ``on_step_end`` writes what is left."""
         self.dirty = True
-        if time.monotonic() - getattr(self, "saved_at", 0.0) >= self.SAVE_EVERY_S:
-            self._save()
+        self.on_step_end(0, [])
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if getattr(self, "dirty", False) and time.monotonic() - getattr(self, "saved_at", 0.0) >= self.SAVE_EVERY_S:
+        if self.dirty and time.monotonic() - self.saved_at >= self.SAVE_EVERY_S:
             self._save()
 
     def _save(self) -> None:

@@ -343,16 +343,11 @@ class MlflowTracking(Callback):
         return os.path.join(self.sweep_dir, RUNS_FILE)
 
     def _save_map(self) -> None:
-        os.makedirs(os.path.dirname(self._runs_path), exist_ok=True)
         with self.lock:  # one writer of the file at a time, from a consistent copy
-            saved = {
+            write_json(self._runs_path, {
                 "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": dict(self.run_ids),
                 "last_steps": dict(self.last_steps), "best_values": dict(self.best_values),
-            }
-            tmp = self._runs_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(saved, f, indent=1)
-            os.replace(tmp, self._runs_path)
+            })
 
     def _load_map(self) -> None:
         saved = read_run_map(self.sweep_dir)  # checked: a damaged map is a one-line error
