@@ -80,7 +80,7 @@ def _launch(spec, resume: bool = False) -> None:
     from search.sweep import hold_lease, repair_damaged
 
     plan = plan_sweep(spec, resume=resume)
-    with hold_lease(plan.sweep_dir):
+    with hold_lease(plan.sweep_dir, storage=plan.storage, name=plan.name):
         if resume:
             repair_damaged(plan)
         _run(plan, resume)
@@ -305,7 +305,7 @@ def confirm(
     if spec.study or spec.searcher is None:
         _fail(f"{sweep_dir!r} is {'a study of seeds' if spec.study else 'a single run'}, not a search: it has no recipes to confirm")
     plan = plan_sweep(spec, resume=True)
-    with hold_lease(plan.sweep_dir):
+    with hold_lease(plan.sweep_dir, storage=plan.storage, name=plan.name):
         repair_damaged(plan)
         _confirm(plan, top, seeds)
 
@@ -590,10 +590,16 @@ def report(
     from search.layout import find_sweep
     from search.plan import load_sweep_spec
     from search.report import write_report
+    from search.storage import storage_of
 
     sweep_dir = find_sweep(sweep_name, storage)
     spec = load_sweep_spec(sweep_dir, tracking_uri)
     paths = write_report(sweep_dir, spec.tracking_uri, spec.optuna_storage)
+    mirrored = storage_of(sweep_dir)
+    if mirrored:  # the sweep is on object storage: the report goes there too
+        mirrored[0].upload(paths["report"], mirrored[1], os.path.basename(paths["report"]))
+        print(f"report: {paths['report']} (and {mirrored[0]}/{mirrored[1]}/{os.path.basename(paths['report'])})")
+        return
     print(f"report: {paths['report']}")
 
 

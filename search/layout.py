@@ -40,6 +40,7 @@ __all__ = [
     "count_states",
     "driver_gone",
     "find_sweep",
+    "sweep_storage",
     "read_confirmation",
     "read_run_map",
     "read_state",
@@ -71,11 +72,23 @@ RUN_PREFIX = "run:"
 
 
 def find_sweep(name_or_path: str, storage: str = "runs") -> str:
-    """A sweep directory, by path or by name under the storage root."""
+    """A sweep's local folder, by path or by name under the storage root. On object storage (``--storage
+    s3://...``, or the sweep's own URI) its files are pulled into its mirror on this machine first."""
+    from search.storage import Storage, is_uri, split_uri
+
+    if is_uri(name_or_path) or is_uri(storage):
+        root, name = (storage, name_or_path) if not is_uri(name_or_path) else split_uri(name_or_path)
+        store = Storage.open(root)
+        if not store.is_file(name, SPEC_FILE):
+            raise SweepError(f"no sweep {name!r} in storage {store} (no {SPEC_FILE} there)")
+        return store.pull(name)
+    from search.storage import storage_of
+
     candidates = [Path(name_or_path), Path(storage).expanduser() / name_or_path]
     for candidate in candidates:
         if (candidate / SPEC_FILE).is_file():
-            return str(candidate.absolute())
+            mirrored = storage_of(str(candidate))  # a mirror's path (as messages print it): its sweep, pulled again
+            return mirrored[0].pull(mirrored[1]) if mirrored else str(candidate.absolute())
     for candidate in candidates:
         if candidate.is_dir():
             raise SweepError(f"{str(candidate)!r} is not a sweep directory (it has no {SPEC_FILE})")
@@ -402,16 +415,30 @@ def driver_gone(state: dict[str, Any]) -> bool:
     return False
 
 
+def sweep_storage(sweep_dir: str):
+    """The storage and name of the sweep whose local folder is ``sweep_dir``: its mirror's, or its own path's."""
+    from search.storage import Storage, storage_of
+
+    return storage_of(sweep_dir) or (Storage.open(os.path.dirname(os.path.abspath(sweep_dir))), os.path.basename(os.path.abspath(sweep_dir)))
+
+
 def trial_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:
-    """The newest checkpoint directory a trial left: in its Tune folder, or its Ray Train run's folder."""
-    root = Path(sweep_dir)
-    found = [
-        path
-        for pattern in (f"*_{trial_id}_*/checkpoint_*", f"train/train-{trial_id}/checkpoint_*")
-        for path in root.glob(pattern)
-        if (path / CHECKPOINT_FILE).is_file()
-    ]
-    return str(max(found, key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)) if found else None
+    """The newest checkpoint directory a trial left, in its Tune folder or its Ray Train run's folder,
+    on the sweep's storage: a local path, or a URI on object storage."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    store, name = sweep_storage(sweep_dir)
+    folders = [e.base_name for e in store.listdir(name) if e.type == pyarrow.fs.FileType.Directory and fnmatch.fnmatch(e.base_name, f"*_{trial_id}_*")]
+    found = []
+    for folder in folders + [f"train/train-{trial_id}"]:
+        for entry in store.listdir(name, folder):
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+                file = store.info(name, folder, entry.base_name, CHECKPOINT_FILE)
+                if file.type == pyarrow.fs.FileType.File:
+                    found.append((file.mtime_ns or 0, f"{folder}/{entry.base_name}"))
+    return store.uri(name, *max(found)[1].split("/")) if found else None
 
 
 def best_checkpoint(sweep_dir: str) -> str:

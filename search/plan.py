@@ -30,8 +30,9 @@ from search.algorithms import check_names, grid_points
 from search.confirm import check_request
 from search.layout import (
     CONFIRM_DIR, OPTUNA_FILE, RUN_PREFIX, SPEC_FILE, SWEEP_FORMAT, DamagedFile, check_no_driver, check_private, read_run_map, read_state,
-    resolve_run,
+    resolve_run, sweep_storage,
 )
+from search.storage import Storage, is_uri, split_uri
 from search.tracking import check_tracking_uri, database_url, resolve_tracking_uri, short_uri
 from search.trial import LAUNCHERS
 
@@ -90,8 +91,8 @@ class SweepPlan:
     spec: SweepSpec
     space: Space
     name: str
-    sweep_dir: str
-    storage_root: str
+    sweep_dir: str  # its local folder: the sweep's own on a path, its mirror on object storage (search.storage)
+    storage_root: str  # --storage: an absolute path, or a URI
     base: dict[str, Any]
     overrides: dict[str, Any]
     recipe: Recipe  # the base recipe with overrides: resources, data, epochs
@@ -99,6 +100,11 @@ class SweepPlan:
     tracking_uri: str
     grace_period: int = 1  # the scheduler's: the requested one, raised past the longest warmup (fair_grace)
     grace_note: str = ""  # why it is not the requested one
+
+    @property
+    def storage(self) -> Storage:
+        """The storage root, opened (``pyarrow.fs``)."""
+        return Storage.open(self.storage_root)
 
 
 def _check_storage(root: Path) -> None:
@@ -267,27 +273,30 @@ def _checked_checkpoints(space: Space, recipe: Recipe, storage: str) -> dict[str
     for key, path in paths.items():
         if key in fixed:
             continue
-        if not os.path.exists(path):
+        if not is_uri(path) and not os.path.exists(path):
             raise SweepError(f"{key}: checkpoint {path!r} does not exist")
         _check_checkpoint_file(key, path)
-        fixed[key] = os.path.abspath(path)
+        fixed[key] = path if is_uri(path) else os.path.abspath(path)
     return fixed
 
 
 def _check_checkpoint_file(key: str, path: str) -> None:
-    """The first bytes of a checkpoint: a torch file (zip or pickle), safetensors, or BiT's .npz (zip);
-    a run's checkpoint directory holds one. Anything else (a text file, an image) fails before Ray starts."""
+    """The first bytes of a checkpoint (a path, or a URI on object storage): a torch file (zip or pickle),
+    safetensors, or BiT's .npz (zip); a run's checkpoint directory holds one. Anything else (a text file,
+    an image, nothing) fails before Ray starts."""
     from trainables.report import CHECKPOINT_FILE
 
-    file = os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+    root, base = split_uri(path) if is_uri(path) else (os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path)))
+    store = Storage.open(root or "/")
+    file = [base, CHECKPOINT_FILE] if store.is_dir(base) else [base]
     try:
-        with open(file, "rb") as f:
+        with store.fs.open_input_stream(store.fs_path(*file)) as f:
             head = f.read(16)
     except OSError as err:
-        raise SweepError(f"{key}: {path!r} is not a checkpoint ({err.strerror}: {file!r})") from None
+        raise SweepError(f"{key}: {short_uri(path)} is not a checkpoint ({str(err).splitlines()[0][:120]})") from None
     safetensors = len(head) > 8 and head[8:9] == b"{"
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or safetensors):
-        raise SweepError(f"{key}: {path!r} is not a checkpoint (not a PyTorch, safetensors or .npz file, nor a run's checkpoint directory)")
+        raise SweepError(f"{key}: {short_uri(path)} is not a checkpoint (not a PyTorch, safetensors or .npz file, nor a run's checkpoint directory)")
 
 
 def _check_flags(spec: SweepSpec) -> None:
@@ -329,16 +338,21 @@ def _space_of(spec: SweepSpec) -> tuple[SweepSpec, Space]:
     return spec, space
 
 
-def _sweep_dir(spec: SweepSpec, space: Space, resume: bool) -> tuple[str, Path]:
-    """The sweep's name and its (writable) storage root; a new sweep may not take an existing name."""
+def _sweep_dir(spec: SweepSpec, space: Space, resume: bool) -> tuple[str, Storage, str]:
+    """The sweep's name, its (writable) storage root and its local folder; a new sweep may not take an
+    existing name. On object storage the local folder is the sweep's mirror (pulled by ``find_sweep``
+    for a resume, made by the launch for a new sweep)."""
     name = spec.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not _NAME.match(name):
         raise SweepError(f"--name must be letters, digits, '.', '_' or '-' (at most 128), but got {name!r}")
-    storage_root = Path(spec.storage).expanduser().absolute()
-    _check_storage(storage_root)
-    if (storage_root / name / SPEC_FILE).exists() and not resume:
-        raise SweepError(f"sweep {name!r} already exists in {str(storage_root)!r}: resume it (recipe-search resume {name}) or pick another --name")
-    return name, storage_root
+    store = Storage.open(spec.storage)
+    if store.remote:
+        store.check_writable()
+    else:
+        _check_storage(Path(store.path))
+    if store.is_file(name, SPEC_FILE) and not resume:
+        raise SweepError(f"sweep {name!r} already exists in {str(store)!r}: resume it (recipe-search resume {name}) or pick another --name")
+    return name, store, store.mirror(name) if store.remote else store.fs_path(name)
 
 
 def _optuna_storage(spec: SweepSpec, sweep_dir: Path, name: str, resume: bool) -> Optional[str]:
@@ -418,16 +432,16 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
         # Workers may run on other nodes: they need the same path there (shared storage).
         recipe.data.name = overrides["data.name"] = data_root
     overrides.update(_checked_checkpoints(space, recipe, spec.storage))
-    name, storage_root = _sweep_dir(spec, space, resume)
+    name, store, sweep_dir = _sweep_dir(spec, space, resume)
     if resume:
-        _check_resumable(storage_root / name)
-    spec = replace(spec, optuna_storage=_optuna_storage(spec, storage_root / name, name, resume))
+        _check_resumable(Path(sweep_dir))
+    spec = replace(spec, optuna_storage=_optuna_storage(spec, Path(sweep_dir), name, resume))
     _check_local_resources(spec.address, recipe)
     tracking_uri = _check_services(spec)
     max_epochs = _max_epochs(space, recipe)
     grace, note = fair_grace(space, recipe, spec.grace_period, max_epochs)
     return SweepPlan(
-        spec=spec, space=space, name=name, sweep_dir=str(storage_root / name), storage_root=str(storage_root),
+        spec=spec, space=space, name=name, sweep_dir=sweep_dir, storage_root=store.location,
         base=base, overrides=overrides, recipe=recipe, max_epochs=max_epochs, tracking_uri=tracking_uri,
         grace_period=grace, grace_note=note,
     )
@@ -473,8 +487,12 @@ def load_sweep_spec(sweep_dir: str, tracking_uri: Optional[str] = None) -> Sweep
             raise ValueError(f"not a JSON object but {type(data).__name__}: a crash or a full disk can leave it so")
         data.pop("format", None)  # checked by plan_sweep(resume=True)
         data["overrides"] = {**data.get("overrides", {}), **data.pop("resolved", {})}  # the checkpoints it started from
-        data["storage"] = os.path.dirname(os.path.abspath(sweep_dir))
-        data["name"] = os.path.basename(os.path.abspath(sweep_dir))
+        store, data["name"] = sweep_storage(sweep_dir)
+        data["storage"] = store.location
+        optuna_url = data.get("optuna_storage") or ""
+        if optuna_url.startswith("sqlite:///") and optuna_url.endswith(f"/{data['name']}/{OPTUNA_FILE}"):
+            # The default study, in the sweep's folder: where that folder is now (moved, or a mirror on another machine).
+            data["optuna_storage"] = f"sqlite:///{os.path.join(os.path.abspath(sweep_dir), OPTUNA_FILE)}"
         if tracking_uri:
             data["tracking_uri"] = tracking_uri
         return SweepSpec.from_json(data)

@@ -35,6 +35,7 @@ from search.layout import (
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
 from search.report import write_report
+from search.storage import MirrorSync, Storage, fetched, join, mark_mirror
 from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, rebuild_run_map, run_name
 from search.trial import ConfirmationResources, confirmation_recipe, run_confirmation_trial, run_trial, trial_resources, uses_ray_train
 
@@ -134,13 +135,24 @@ def sweep_trainable(plan: SweepPlan):
             run_trial,
             base=plan.base,
             overrides=plan.overrides,
-            train_storage=os.path.join(plan.sweep_dir, "train"),
+            train_storage=plan.storage.tune_args(plan.name, "train"),
             max_failures=spec.max_failures,
             metric=plan.space.metric,
             launcher=spec.launcher,
         ),
         trial_resources(plan.recipe, spec.launcher),
     )
+
+
+def _experiment(store: Storage, *parts: str) -> dict[str, Any]:
+    """``Tuner.restore``'s and ``Tuner.can_restore``'s location of the Tune experiment at ``parts`` under ``store``."""
+    args = store.tune_args(*parts)
+    return {"path": args["storage_path"], "storage_filesystem": args["storage_filesystem"]}
+
+
+def _experiment_parts(plan: SweepPlan, directory: str) -> list[str]:
+    """The storage path parts of the experiment whose local folder is ``directory`` (the sweep's, or its confirmation's)."""
+    return [plan.name, *([os.path.relpath(directory, plan.sweep_dir)] if directory != plan.sweep_dir else [])]
 
 
 def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
@@ -151,7 +163,9 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
     spec = plan.spec
     trainable = sweep_trainable(plan)
     if restore:
-        return tune.Tuner.restore(plan.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(
+            **_experiment(plan.storage, plan.name), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False,
+        )
     searcher = None
     if spec.searcher is not None:
         resolved = flatten(plan.recipe.model_dump())
@@ -172,7 +186,7 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
     )
     run_config = tune.RunConfig(
         name=plan.name,
-        storage_path=plan.storage_root,
+        **plan.storage.tune_args(),
         callbacks=callbacks,
         verbose=0,
         log_to_file=True,
@@ -295,33 +309,9 @@ def _stopped(stopped: Optional[str], tracker: MlflowTracking, monitor: SweepMoni
     return {"interrupted": True, **({"disk_full": stopped} if stopped not in (None, INTERRUPTED) else {})}
 
 
-@contextlib.contextmanager
-def hold_lease(sweep_dir: str, period_s: float = 10.0):
-    """This driver's lease on the sweep while it runs (``runs/NAME/recipe-search/driver.json``): checked
-    (another live driver: a one-line error), written, its heartbeat renewed every ``period_s`` by a
-    daemon thread, removed at the end. A driver that dies leaves a lease that goes stale: at once on
-    its own host (its process is gone), after ``LEASE_TIMEOUT_S`` elsewhere."""
-    check_no_driver(sweep_dir)
-    # Files the sweep writes are writable by this user alone, whatever the umask: resume refuses to unpickle
-    # from folders others can write (layout.check_private).
-    umask = os.umask(0o022)
-    os.umask(umask | 0o022)
-    os.makedirs(os.path.dirname(os.path.abspath(sweep_dir)), exist_ok=True)
-    try:  # created here, by this driver (of two launched with the same name, only one creates it)
-        os.mkdir(sweep_dir)
-        created = True
-    except FileExistsError:
-        created = False
-    os.makedirs(os.path.join(sweep_dir, META_DIR), exist_ok=True)
-    now = time.time()
-    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now}
-    try:
-        take_lease(sweep_dir, lease)
-    except BaseException:
-        os.umask(umask)
-        if created:
-            shutil.rmtree(sweep_dir, ignore_errors=True)
-        raise
+def _heartbeat(sweep_dir: str, lease: dict[str, Any], period_s: float):
+    """Renew ``lease`` every ``period_s`` from a daemon thread; the returned function stops it (a beat under
+    way finishes first, so that releasing the lease afterwards is final)."""
     stop = threading.Event()
 
     def renew() -> None:
@@ -335,20 +325,71 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0):
 
     thread = threading.Thread(target=renew, name="recipe-search-lease", daemon=True)
     thread.start()
-    failed = False
-    try:
-        yield
-    except BaseException:
-        failed = True
-        raise
-    finally:
+
+    def end() -> None:
         stop.set()
         thread.join(timeout=5)
-        release_lease(sweep_dir, lease)
+
+    return end
+
+
+def _make_folder(sweep_dir: str) -> bool:
+    """The sweep's folder, created here unless it exists; True when this driver created it (of two launched
+    with the same name, only one does)."""
+    os.makedirs(os.path.dirname(os.path.abspath(sweep_dir)), exist_ok=True)
+    try:
+        os.mkdir(sweep_dir)
+        created = True
+    except FileExistsError:
+        created = False
+    os.makedirs(os.path.join(sweep_dir, META_DIR), exist_ok=True)
+    return created
+
+
+@contextlib.contextmanager
+def hold_lease(sweep_dir: str, period_s: float = 10.0, storage: Optional[Storage] = None, name: Optional[str] = None):
+    """This driver's lease on the sweep while it runs (``runs/NAME/recipe-search/driver.json``): checked
+    (another live driver: a one-line error), written, its heartbeat renewed every ``period_s`` by a
+    daemon thread, removed at the end. A driver that dies leaves a lease that goes stale: at once on
+    its own host (its process is gone), after ``LEASE_TIMEOUT_S`` elsewhere.
+
+    On object storage (``storage`` remote) ``sweep_dir`` is the sweep's mirror: made here for a new
+    sweep, pushed to the storage every few seconds while the driver runs, and at the end. A launch that
+    fails before its first trial leaves nothing (locally or there): its name stays free."""
+    remote = storage is not None and storage.remote
+    if remote and not storage.is_file(name, SPEC_FILE):
+        storage.new_mirror(name)  # a new sweep: whatever an earlier sweep of that name left in the cache goes
+    check_no_driver(sweep_dir)
+    # Files the sweep writes are writable by this user alone, whatever the umask: resume refuses to unpickle
+    # from folders others can write (layout.check_private).
+    umask = os.umask(0o022)
+    os.umask(umask | 0o022)
+    created = _make_folder(sweep_dir)
+    sync = None
+    if remote:
+        mark_mirror(sweep_dir, storage, name)
+        sync = MirrorSync(sweep_dir, storage, name).start()
+    now = time.time()
+    lease = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now}
+    failed = True
+    try:
+        take_lease(sweep_dir, lease)
+        end_heartbeat = _heartbeat(sweep_dir, lease, period_s)
+        try:
+            yield
+            failed = False
+        finally:
+            end_heartbeat()
+            release_lease(sweep_dir, lease)
+    finally:
         os.umask(umask)
-        # A launch that failed before its first trial started (Ray did not start, the cluster refused it) leaves
-        # no folder: its name stays free. Once a trial started, the sweep is kept for resume.
-        if created and (failed or not os.path.exists(os.path.join(sweep_dir, SPEC_FILE))) and not os.path.exists(os.path.join(sweep_dir, STATE_FILE)):
+        abandoned = created and (failed or not os.path.exists(os.path.join(sweep_dir, SPEC_FILE))) and not os.path.exists(os.path.join(sweep_dir, STATE_FILE))
+        if sync is not None:
+            if abandoned:
+                sync.remove_all()
+            elif not sync.stop():
+                logger.warning("sweep %s: not all of its files reached storage %s; they are kept in %s", name, storage, sweep_dir)
+        if abandoned:
             shutil.rmtree(sweep_dir, ignore_errors=True)
 
 
@@ -374,7 +415,7 @@ def write_spec(plan: SweepPlan) -> None:
     # later confirmation of it can change): a resume trains from the same ones.
     resolved = {k: plan.overrides[k] for k in ("model.init", "model.pretrained") if k in plan.overrides}
     with open(path + ".tmp", "w") as f:
-        json.dump({**plan.spec.to_json(), "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT,
+        json.dump({**plan.spec.to_json(), "storage": plan.storage.public, "name": plan.name, "tracking_uri": plan.tracking_uri, "format": SWEEP_FORMAT,
                    "resolved": resolved}, f, indent=1)
     os.replace(path + ".tmp", path)
 
@@ -415,7 +456,7 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         files = {"recipe": _write_best(plan, best["recipe"])}
         checkpoint = trial_checkpoint(plan.sweep_dir, best["trial_id"]) if plan.spec.log_checkpoint else None
         if checkpoint:
-            files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
+            files["checkpoint"] = fetched(join(checkpoint, CHECKPOINT_FILE))
         tracker.log_best(best, files)
     _report(plan, out)
     return state
@@ -468,14 +509,17 @@ def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: s
     spec, recipes = plan.spec, replicates.recipes()
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_confirmation_trial, recipes=recipes, train_storage=os.path.join(directory, "train"),
+            run_confirmation_trial, recipes=recipes, train_storage=plan.storage.tune_args(*_experiment_parts(plan, directory), "train"),
             max_failures=spec.max_failures, metric=plan.space.metric, launcher=spec.launcher,
         ),
         ConfirmationResources(recipes, spec.launcher),
     )
     if restore:
         # A crashed run starts again (a recipe that fails ends TERMINATED with a failed report, not ERROR).
-        tuner = tune.Tuner.restore(directory, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=True)
+        tuner = tune.Tuner.restore(
+            **_experiment(plan.storage, *_experiment_parts(plan, directory)), trainable=trainable, resume_unfinished=True, resume_errored=False,
+            restart_errored=True,
+        )
         tuner._local_tuner.get_run_config().callbacks = callbacks  # this driver's callbacks, not the pickled copies
         return tuner
     runtimes = [confirmation_recipe(recipes, {"confirms": t, "runtime.seed": 0}) for t in recipes]
@@ -488,7 +532,8 @@ def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: s
             num_samples=1, max_concurrent_trials=_fit_concurrency(plan, widest, replicates.total), reuse_actors=not ray_train,
         ),
         run_config=tune.RunConfig(
-            name=os.path.basename(directory), storage_path=os.path.dirname(directory), callbacks=callbacks, verbose=0, log_to_file=True,
+            name=os.path.basename(directory), **plan.storage.tune_args(*_experiment_parts(plan, directory)[:-1]), callbacks=callbacks,
+            verbose=0, log_to_file=True,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=0 if ray_train else spec.max_failures),
         ),
@@ -501,7 +546,7 @@ def run_replicates(plan: SweepPlan, replicates: ConfirmationPlan, directory: str
     else ``{"interrupted": True}``, with ``"disk_full"`` when a full disk stopped it)."""
     from ray import tune
 
-    restore = tune.Tuner.can_restore(directory)
+    restore = tune.Tuner.can_restore(**_experiment(plan.storage, *_experiment_parts(plan, directory)))
     os.makedirs(os.path.join(directory, META_DIR), exist_ok=True)
     _route_ray_logs(plan.sweep_dir)
     init_ray(plan.spec.address)
@@ -536,7 +581,7 @@ def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[st
     files = {"recipe": _write_best(plan, winner["recipe"])} if winner else {}
     checkpoint = trial_checkpoint(plan.sweep_dir, winner["trial_id"]) if winner and plan.spec.log_checkpoint else None
     if checkpoint:
-        files["checkpoint"] = os.path.join(checkpoint, CHECKPOINT_FILE)
+        files["checkpoint"] = fetched(join(checkpoint, CHECKPOINT_FILE))
     tracker.log_confirmed(summary, format_confirmation(summary), files)
     write_confirmation(plan.sweep_dir, summary)
     _report(plan, out)

@@ -45,7 +45,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         ray.train.report(TrialReport.failure(config["metric"], err).to_result())
 
 
-def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_failures: int, metric: str) -> None:
+def _fit_with_ray_train(recipe: Recipe, storage: dict[str, Any], run_name: str, max_failures: int, metric: str) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -62,7 +62,7 @@ def _fit_with_ray_train(recipe: Recipe, storage_path: str, run_name: str, max_fa
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            **storage,  # storage_path, and storage_filesystem on object storage
             callbacks=[TuneReportCallback()],
             # Same name and storage on a retry or resume: Ray Train restores the run's latest checkpoint.
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -77,7 +77,7 @@ def run_trial(
     *,
     base: dict[str, Any],
     overrides: dict[str, Any],
-    train_storage: str,
+    train_storage: dict[str, Any],
     max_failures: int,
     metric: str,
     launcher: str = "auto",

@@ -8,7 +8,6 @@ norm. The run is kept under the storage root and reused by later sweeps.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ from spaces import Recipe, Space, SweepError
 
 from search.layout import SPEC_FILE, best_checkpoint, read_state
 from search.plan import UPSTREAM_RECIPE, SweepPlan, SweepSpec, load_sweep_spec, needs_upstream, plan_sweep
+from search.storage import Storage
 from search.sweep import hold_lease, run_sweep
 
 __all__ = ["run_with_upstream", "upstream_checkpoint"]
@@ -35,13 +35,15 @@ def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str
     out = out or sys.stdout
     norm = "gn" if recipe.model.norm == "gn" else "bn"
     name = f"upstream-digits-{recipe.model.backbone}-{norm}"
-    sweep_dir = os.path.join(os.path.abspath(os.path.expanduser(storage)), name)
+    store = Storage.open(storage)
+    exists = store.is_file(name, SPEC_FILE)
+    sweep_dir = store.pull(name) if store.remote and exists else store.mirror(name) if store.remote else store.fs_path(name)
     state = read_state(sweep_dir) or {}
     if state.get("finished") and state.get("best"):
         path = best_checkpoint(sweep_dir)
         print(f"pretrained backbone: {path} (upstream run {name}, val/top1={state['best']['value']:.4f})", file=out)
         return path
-    resume = os.path.isfile(os.path.join(sweep_dir, SPEC_FILE))
+    resume = exists
     print(f"pretrained backbone: {'resuming' if resume else 'training'} upstream run {name} ({UPSTREAM_RECIPE}: {recipe.model.backbone}, {norm})", file=out)
     overrides: dict[str, Any] = {"model.name": recipe.model.backbone, "model.norm": norm}
     spec = SweepSpec(
@@ -51,7 +53,7 @@ def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str
     if resume:
         spec = load_sweep_spec(sweep_dir, tracking_uri)
     plan = plan_sweep(spec, resume=resume)
-    with hold_lease(plan.sweep_dir):  # two downstream launches may want the same upstream run
+    with hold_lease(plan.sweep_dir, storage=plan.storage, name=plan.name):  # two downstream launches may want the same upstream run
         state = run_sweep(plan, out=out, resume=resume)
     if state.get("interrupted"):
         raise KeyboardInterrupt

@@ -7,6 +7,9 @@ BiT models, an ``.npz`` file read by timm's own loader.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +53,38 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return cleaned
 
 
+def local_checkpoint(location: str) -> str:
+    """A checkpoint to read on this machine: a path as it is; on object storage (a URI: ``model.init=run:NAME``
+    of a sweep kept there resolves to one), the file, or the run checkpoint directory's checkpoint file,
+    downloaded once per machine and location into the temp folder (through ``pyarrow.fs``, as Ray's)."""
+    if "://" not in location or location.startswith("file://"):
+        return location.removeprefix("file://")
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+            path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+        target = os.path.join(tempfile.gettempdir(), "recipe-search-checkpoints", hashlib.sha256(location.encode()).hexdigest()[:16], path.rpartition("/")[2])
+        if not os.path.isfile(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            partial = f"{target}.{os.getpid()}.tmp"  # workers of one machine may fetch it at once
+            with fs.open_input_stream(path) as source, open(partial, "wb") as f:
+                while chunk := source.read(1 << 24):
+                    f.write(chunk)
+            os.replace(partial, target)
+    except (OSError, ValueError) as err:
+        raise DataError(f"model.init: checkpoint {location.split('?')[0]!r} cannot be read: {str(err).splitlines()[0][:200]}") from None
+    return target
+
+
 def load_weights(model: nn.Module, path: str, skip: tuple[str, ...] = ()) -> list[str]:
-    """Load the tensors of ``path`` that fit ``model`` (keys starting with ``skip`` left out); return the keys left at init.
+    """Load the tensors of ``path`` (a path or a URI) that fit ``model`` (keys starting with ``skip`` left out);
+    return the keys left at init.
 
     Raises ``DataError`` when nothing fits or a shared tensor has another shape.
     """
+    path = local_checkpoint(str(path))
     if str(path).endswith(".npz"):
         load_bit_npz(model, path)
         return []

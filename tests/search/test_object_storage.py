@@ -1,0 +1,183 @@
+"""Sweeps on object storage: a real S3 API (moto in server mode) on 127.0.0.1, started by the fixture.
+
+What a user with ``--storage s3://...`` relies on: everything of the sweep lands in the bucket (nothing in a
+local folder named after the URI), a stopped sweep resumes from the bucket, and ``status``/``best``/``report``
+and ``model.init=run:NAME`` work from another working directory with an empty cache.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from search.cli import app
+from search.plan import SweepSpec, load_sweep_spec, plan_sweep
+from search.sweep import hold_lease, run_sweep
+from spaces import parse_space, validate_recipe
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GOOD_OR_BAD = {"name": "good-or-bad", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [0.1, 1.0e-7]}}}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free 127.0.0.1 port with an empty bucket ``sweeps``; yields its endpoint."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "moto server did not start"
+            time.sleep(0.3)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket="sweeps")
+    yield endpoint
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def _uri(endpoint: str) -> str:
+    # Credentials in the URI (pyarrow reads them there): the session's Ray workers started without AWS_* variables.
+    return f"s3://test:test@sweeps/runs?endpoint_override={endpoint.removeprefix('http://')}&scheme=http"
+
+
+def _objects(endpoint: str, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="sweeps", Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def _read(endpoint: str, key: str) -> bytes:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+    return client.get_object(Bucket="sweeps", Key=key)["Body"].read()
+
+
+def _elsewhere(tmp_path, monkeypatch, name: str):
+    """Another working directory with an empty cache: what another machine sees."""
+    other = tmp_path / name
+    other.mkdir()
+    monkeypatch.chdir(other)
+    monkeypatch.setenv("RECIPE_SEARCH_CACHE", str(other / "cache"))
+    return other
+
+
+def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_session, workdir, s3, tmp_path, monkeypatch):
+    storage = _uri(s3)
+    monkeypatch.setenv("RECIPE_SEARCH_CACHE", str(workdir / "cache"))
+    space_file = workdir / "space.yaml"
+    space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
+    address = ray_session.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "sweep", str(space_file), "--name", "s3sweep", "--trials", "3", "--searcher", "random",
+         "--scheduler", "fifo", "--concurrency", "1", "--set", "schedule.epochs=2", "--storage", storage, "--address", address, "--seed", "0"],
+        cwd=workdir, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # Ctrl-C once the bucket's state (pushed every few seconds) shows a finished trial.
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        keys = _objects(s3, "runs/s3sweep/recipe-search/")
+        if "runs/s3sweep/recipe-search/state.json" in keys:
+            state = json.loads(_read(s3, "runs/s3sweep/recipe-search/state.json"))
+            if any(r["status"] == "TERMINATED" for r in state["trials"].values()):
+                break
+        assert driver.poll() is None, driver.communicate()[0]
+        time.sleep(1)
+    else:
+        pytest.fail("no finished trial reached the bucket in time")
+    driver.send_signal(signal.SIGINT)
+    output, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, output
+    assert not any(p.startswith("s3") for p in os.listdir(workdir)), os.listdir(workdir)  # no local folder named after the URI
+    assert not (workdir / "runs").exists()
+    # The lease went with the driver; the stopped state is in the bucket.
+    assert "runs/s3sweep/recipe-search/driver.json" not in _objects(s3, "runs/s3sweep/")
+    stopped = json.loads(_read(s3, "runs/s3sweep/recipe-search/state.json"))
+    assert stopped["finished"] is False and 1 <= len(stopped["trials"]) <= 3
+
+    # Resume on "another machine": an empty cache, another working directory, the same tracking store.
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    other = _elsewhere(tmp_path, monkeypatch, "resumer")
+    result = CliRunner().invoke(app, ["status", "s3sweep", "--storage", storage])
+    assert result.exit_code == 0 and "s3sweep" in result.output and "test:test" not in result.output, result.output
+    result = CliRunner().invoke(app, ["resume", "s3sweep", "--storage", storage, "--tracking-uri", tracking])
+    assert result.exit_code == 0, result.output
+    assert not (other / "runs").exists() and not (other / "mlflow.db").exists()
+
+    keys = _objects(s3, "runs/s3sweep/")
+    state = json.loads(_read(s3, "runs/s3sweep/recipe-search/state.json"))
+    assert state["finished"] is True and len(state["trials"]) == 3
+    assert all(r["status"] == "TERMINATED" for r in state["trials"].values())
+    for key in ("recipe-search/sweep.json", "recipe-search/mlflow_runs.json", "recipe-search/optuna.db", "best_recipe.yaml", "report.html", "ray.log", "tuner.pkl"):
+        assert f"runs/s3sweep/{key}" in keys, key
+    checkpoints = [k for k in keys if k.endswith("/checkpoint.pt")]
+    assert len(checkpoints) == 3, checkpoints  # one per trial (Tune keeps the last), in the bucket
+    assert "test:test" not in _read(s3, "runs/s3sweep/recipe-search/sweep.json").decode()  # no credentials stored
+    runs = json.loads(_read(s3, "runs/s3sweep/recipe-search/mlflow_runs.json"))
+    assert sorted(runs["trials"]) == sorted(state["trials"])
+
+    # Read from a third place: status, best (the bucket's best recipe), report (written back to the bucket).
+    _elsewhere(tmp_path, monkeypatch, "reader")
+    result = CliRunner().invoke(app, ["best", "s3sweep", "--storage", storage, "--json"])
+    assert result.exit_code == 0, result.output
+    best = json.loads(result.output)
+    assert best["trial_id"] == state["best"]["trial_id"] and best["value"] == state["best"]["value"]
+    assert validate_recipe(yaml.safe_load(_read(s3, "runs/s3sweep/best_recipe.yaml"))) == validate_recipe(best["recipe"])
+    before = _read(s3, "runs/s3sweep/report.html")
+    result = CliRunner().invoke(app, ["report", "s3sweep", "--storage", storage])
+    assert result.exit_code == 0 and "s3://sweeps/runs/s3sweep/report.html" in result.output, result.output
+    assert _read(s3, "runs/s3sweep/report.html") != before or "3 of 3 trials" in before.decode()
+
+    # model.init=run:NAME from the bucket, under Ray Train (its run's checkpoints go to the bucket too).
+    spec = SweepSpec(
+        space=parse_space({"name": "from-s3", "recipe": "digits-smoke", "params": {}}, "test"), name="from-s3", trials=1, searcher=None,
+        scheduler="fifo", storage=storage, launcher="train", tracking_uri=tracking,
+        overrides={"schedule.epochs": 1, "model.init": "run:s3sweep"},
+    )
+    plan = plan_sweep(spec)
+    assert plan.overrides["model.init"].startswith("s3://test:test@sweeps/runs/s3sweep/")
+    with hold_lease(plan.sweep_dir, storage=plan.storage, name=plan.name):
+        done = run_sweep(plan, out=io.StringIO())
+    assert done["best"] and not done.get("interrupted")
+    trained = [k for k in _objects(s3, "runs/from-s3/train/") if k.endswith("/checkpoint.pt")]
+    assert len(trained) == 1, trained
+    assert load_sweep_spec(plan.sweep_dir).overrides["model.init"] == plan.overrides["model.init"]
+
+
+def test_object_storage_errors_are_one_line(s3, workdir, monkeypatch):
+    monkeypatch.setenv("RECIPE_SEARCH_CACHE", str(workdir / "cache"))
+    missing = _uri(s3).replace("@sweeps/", "@nobucket/")
+    result = subprocess.run([sys.executable, "-m", "search.cli", "status", "nope", "--storage", missing], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "s3://sweeps" not in result.stderr and "test:test" not in result.stderr and "nobucket" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "search.cli", "sweep", "rsb", "--trials", "1", "--storage", missing], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot be written" in result.stderr, result.stderr
+    assert "test:test" not in result.stderr
