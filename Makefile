@@ -36,8 +36,10 @@ demo-bit: install
 study-rsb: install
 	$(BIN)/recipe-search study rsb --seeds 3
 
+# Two pytest processes: the cluster tests start their own Ray, and only one Ray runs on a machine at a time.
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not cluster"
+	$(BIN)/python -m pytest -q --durations=5 -m cluster
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -623,6 +623,32 @@ def dashboard(
     run_server(url, host="127.0.0.1", port=port)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    address: Optional[str] = typer.Option(
+        None, "--address", help="the cluster's dashboard, http://HEAD:8265 [default: $RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265]",
+    ),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the job's output here (Ctrl-C detaches; the job goes on)"),
+) -> None:
+    """Run a driver on a Ray cluster as a Ray Job: recipe-search submit --address http://HEAD:8265 -- sweep ARGS... (storage, tracking store and files by absolute path or URI)."""
+    from search.jobs import JOB_COMMANDS, job_argv, submit as submit_job
+
+    if not ctx.args:
+        _fail(f"give the command to run after '--': recipe-search submit -- sweep SPACE ... (one of {', '.join(JOB_COMMANDS)})")
+    command, *rest = ctx.args
+    group = typer.main.get_command(app)
+    target = group.get_command(ctx, command) if command in JOB_COMMANDS else None
+    if target is None:
+        _fail(f"'{command}' does not run a driver: submit one of {', '.join(JOB_COMMANDS)}")
+    params = target.make_context(command, list(rest), parent=ctx).params  # its usage errors, here and now
+    argv = job_argv(command, params, rest)
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
+    code = submit_job(address, argv, wait)
+    if code:
+        raise typer.Exit(code)
+
+
 MAX_USAGE_LINE = 300  # characters of click's message: a huge argument value must not make a huge line
 MAX_ERROR_LINE = 1000  # the library's messages bound user values themselves (spaces.errors.short); a backstop
 

@@ -135,10 +135,47 @@ def _check_address(address: str) -> None:
     channel = grpc.insecure_channel(f"{host or '127.0.0.1'}:{port}", options=[("grpc.enable_http_proxy", 0)])  # as Ray connects
     try:
         grpc.channel_ready_future(channel).result(timeout=5)
+        if not address.startswith("ray://"):
+            _check_token(address, channel)
     except grpc.FutureTimeoutError:
         raise SweepError(f"Ray address {address!r} takes connections but is not Ray (no gRPC answer in 5 s)") from None
     finally:
         channel.close()
+
+
+def _ray_token() -> tuple[Optional[str], str]:
+    """The token this driver would send to a cluster with token authentication, as Ray documents it (sent only
+    with ``RAY_AUTH_MODE=token``): ``$RAY_AUTH_TOKEN``, else the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``;
+    and where it came from."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None, "RAY_AUTH_MODE is not 'token'"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
+    path = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token")
+    try:
+        with open(path) as f:
+            return f.read().strip(), path
+    except OSError:
+        return None, f"no token in $RAY_AUTH_TOKEN or {path}"
+
+
+def _check_token(address: str, channel) -> None:
+    """One call to the GCS that token authentication guards: a cluster that refuses this driver's token (or
+    its lack of one) fails here in one line, not after ``ray.init``'s 20 s of retries."""
+    import grpc
+
+    token, source = _ray_token()
+    call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")  # an empty request: raw bytes, no stubs
+    try:
+        call(b"", timeout=5, metadata=[("authorization", f"Bearer {token}")] if token else None)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return  # anything else is ray.init's to report
+        what = f"refused the token from {source}" if token else f"needs a token ({source})"
+        raise SweepError(
+            f"the Ray cluster at {address!r} uses token authentication and {what}: set RAY_AUTH_MODE=token and the cluster's "
+            "token in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token); 'ray get-auth-token' on the head prints it"
+        ) from None
 
 
 def _check_no_local_ray() -> None:
@@ -231,6 +268,8 @@ def _check_model_and_data(recipe: Recipe) -> None:
     if recipe.task != "classification":
         return
     import timm
+
+    import trainables.bit  # noqa: F401 - registers this project's resnetv2_bit_tiny with timm, as a trial's import does
 
     if not timm.is_model(recipe.model.name):
         close = timm.list_models(f"*{recipe.model.name.split('_')[0][:12]}*")[:5]

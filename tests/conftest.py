@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
@@ -24,3 +23,12 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API (moto in server mode) on 127.0.0.1 with an empty bucket ``sweeps``: its endpoint."""
+    from tests.s3server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint

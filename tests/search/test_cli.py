@@ -62,6 +62,8 @@ def test_recipes_set_overrides(workdir):
 BAD_INPUT = [  # as real processes: the exit code and stderr a shell sees (the broad table: tests/search/test_bad_inputs.py)
     (["sweep", "nope"], "unknown space 'nope'; available: bit, det, rethinking, rsb"),
     (["sweep", "--address", "127.0.0.1:9"], "does not answer"),
+    # in a fresh process (no test imported trainables.bit): the tiny BiT model is known to planning
+    (["sweep", "bit", "--address", "127.0.0.1:9"], "does not answer"),
     (["train", "rsb-digits", "--set", "optim.lr=-0.1"], "optim.lr: input should be greater than 0, but got -0.1"),
     (["status", "nope"], "no sweep 'nope'"),
 ]

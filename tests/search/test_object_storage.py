@@ -11,11 +11,9 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
@@ -25,58 +23,12 @@ from search.cli import app
 from search.plan import SweepSpec, load_sweep_spec, plan_sweep
 from search.sweep import hold_lease, run_sweep
 from spaces import parse_space, validate_recipe
+from tests.s3server import bucket_uri, objects, read_object
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOOD_OR_BAD = {"name": "good-or-bad", "recipe": "digits-smoke", "params": {"optim.lr": {"choice": [0.1, 1.0e-7]}}}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free 127.0.0.1 port with an empty bucket ``sweeps``; yields its endpoint."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, "moto server did not start"
-            time.sleep(0.3)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket="sweeps")
-    yield endpoint
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-
-
-def _uri(endpoint: str) -> str:
-    # Credentials in the URI (pyarrow reads them there): the session's Ray workers started without AWS_* variables.
-    return f"s3://test:test@sweeps/runs?endpoint_override={endpoint.removeprefix('http://')}&scheme=http"
-
-
-def _objects(endpoint: str, prefix: str) -> list[str]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket="sweeps", Prefix=prefix)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
-
-
-def _read(endpoint: str, key: str) -> bytes:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
-    return client.get_object(Bucket="sweeps", Key=key)["Body"].read()
 
 
 def _elsewhere(tmp_path, monkeypatch, name: str):
@@ -89,7 +41,7 @@ def _elsewhere(tmp_path, monkeypatch, name: str):
 
 
 def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_session, workdir, s3, tmp_path, monkeypatch):
-    storage = _uri(s3)
+    storage = bucket_uri(s3)
     monkeypatch.setenv("RECIPE_SEARCH_CACHE", str(workdir / "cache"))
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(GOOD_OR_BAD))
@@ -102,9 +54,9 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     # Ctrl-C once the bucket's state (pushed every few seconds) shows a finished trial.
     deadline = time.time() + 240
     while time.time() < deadline:
-        keys = _objects(s3, "runs/s3sweep/recipe-search/")
+        keys = objects(s3, "runs/s3sweep/recipe-search/")
         if "runs/s3sweep/recipe-search/state.json" in keys:
-            state = json.loads(_read(s3, "runs/s3sweep/recipe-search/state.json"))
+            state = json.loads(read_object(s3, "runs/s3sweep/recipe-search/state.json"))
             if any(r["status"] == "TERMINATED" for r in state["trials"].values()):
                 break
         assert driver.poll() is None, driver.communicate()[0]
@@ -117,8 +69,8 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     assert not any(p.startswith("s3") for p in os.listdir(workdir)), os.listdir(workdir)  # no local folder named after the URI
     assert not (workdir / "runs").exists()
     # The lease went with the driver; the stopped state is in the bucket.
-    assert "runs/s3sweep/recipe-search/driver.json" not in _objects(s3, "runs/s3sweep/")
-    stopped = json.loads(_read(s3, "runs/s3sweep/recipe-search/state.json"))
+    assert "runs/s3sweep/recipe-search/driver.json" not in objects(s3, "runs/s3sweep/")
+    stopped = json.loads(read_object(s3, "runs/s3sweep/recipe-search/state.json"))
     assert stopped["finished"] is False and 1 <= len(stopped["trials"]) <= 3
 
     # Resume on "another machine": an empty cache, another working directory, the same tracking store.
@@ -130,16 +82,16 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     assert result.exit_code == 0, result.output
     assert not (other / "runs").exists() and not (other / "mlflow.db").exists()
 
-    keys = _objects(s3, "runs/s3sweep/")
-    state = json.loads(_read(s3, "runs/s3sweep/recipe-search/state.json"))
+    keys = objects(s3, "runs/s3sweep/")
+    state = json.loads(read_object(s3, "runs/s3sweep/recipe-search/state.json"))
     assert state["finished"] is True and len(state["trials"]) == 3
     assert all(r["status"] == "TERMINATED" for r in state["trials"].values())
     for key in ("recipe-search/sweep.json", "recipe-search/mlflow_runs.json", "recipe-search/optuna.db", "best_recipe.yaml", "report.html", "ray.log", "tuner.pkl"):
         assert f"runs/s3sweep/{key}" in keys, key
     checkpoints = [k for k in keys if k.endswith("/checkpoint.pt")]
     assert len(checkpoints) == 3, checkpoints  # one per trial (Tune keeps the last), in the bucket
-    assert "test:test" not in _read(s3, "runs/s3sweep/recipe-search/sweep.json").decode()  # no credentials stored
-    runs = json.loads(_read(s3, "runs/s3sweep/recipe-search/mlflow_runs.json"))
+    assert "test:test" not in read_object(s3, "runs/s3sweep/recipe-search/sweep.json").decode()  # no credentials stored
+    runs = json.loads(read_object(s3, "runs/s3sweep/recipe-search/mlflow_runs.json"))
     assert sorted(runs["trials"]) == sorted(state["trials"])
 
     # Read from a third place: status, best (the bucket's best recipe), report (written back to the bucket).
@@ -148,11 +100,11 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     assert result.exit_code == 0, result.output
     best = json.loads(result.output)
     assert best["trial_id"] == state["best"]["trial_id"] and best["value"] == state["best"]["value"]
-    assert validate_recipe(yaml.safe_load(_read(s3, "runs/s3sweep/best_recipe.yaml"))) == validate_recipe(best["recipe"])
-    before = _read(s3, "runs/s3sweep/report.html")
+    assert validate_recipe(yaml.safe_load(read_object(s3, "runs/s3sweep/best_recipe.yaml"))) == validate_recipe(best["recipe"])
+    before = read_object(s3, "runs/s3sweep/report.html")
     result = CliRunner().invoke(app, ["report", "s3sweep", "--storage", storage])
     assert result.exit_code == 0 and "s3://sweeps/runs/s3sweep/report.html" in result.output, result.output
-    assert _read(s3, "runs/s3sweep/report.html") != before or "3 of 3 trials" in before.decode()
+    assert read_object(s3, "runs/s3sweep/report.html") != before or "3 of 3 trials" in before.decode()
 
     # model.init=run:NAME from the bucket, under Ray Train (its run's checkpoints go to the bucket too).
     spec = SweepSpec(
@@ -165,14 +117,14 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     with hold_lease(plan.sweep_dir, storage=plan.storage, name=plan.name):
         done = run_sweep(plan, out=io.StringIO())
     assert done["best"] and not done.get("interrupted")
-    trained = [k for k in _objects(s3, "runs/from-s3/train/") if k.endswith("/checkpoint.pt")]
+    trained = [k for k in objects(s3, "runs/from-s3/train/") if k.endswith("/checkpoint.pt")]
     assert len(trained) == 1, trained
     assert load_sweep_spec(plan.sweep_dir).overrides["model.init"] == plan.overrides["model.init"]
 
 
 def test_object_storage_errors_are_one_line(s3, workdir, monkeypatch):
     monkeypatch.setenv("RECIPE_SEARCH_CACHE", str(workdir / "cache"))
-    missing = _uri(s3).replace("@sweeps/", "@nobucket/")
+    missing = bucket_uri(s3).replace("@sweeps/", "@nobucket/")
     result = subprocess.run([sys.executable, "-m", "search.cli", "status", "nope", "--storage", missing], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr

@@ -89,7 +89,7 @@ def test_packages_import_one_way():
 
 
 def test_search_layers_import_only_lower_ones():
-    order = ["storage", "layout", "confirm", "algorithms", "trial", "tracking", "monitor", "report", "plan", "sweep", "upstream", "results", "study", "cli"]
+    order = ["storage", "layout", "confirm", "algorithms", "trial", "tracking", "monitor", "report", "plan", "sweep", "upstream", "results", "study", "jobs", "cli"]
     graph = _graph()
     for position, layer in enumerate(order):
         above = {f"search.{name}" for name in order[position:]} - {f"search.{layer}"}
