@@ -70,11 +70,18 @@ def job_argv(command: str, params: dict[str, Any], argv: list[str]) -> list[str]
     return [command, *argv]
 
 
+_TOKEN_HELP = ("set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH, or "
+               "~/.ray/auth_token); 'ray get-auth-token' on the head prints it")
+
+
 def _client(address: str):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise SweepError(f"the Ray cluster at {address!r} uses token authentication and refused this client: {_TOKEN_HELP}") from None
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"the Ray dashboard at {address!r} did not answer as a job server: {_first_line(err)}") from None
 
@@ -87,6 +94,8 @@ def _first_line(err: BaseException) -> str:
 def submit(address: str, argv: list[str], wait: bool, out=None) -> int:
     """Submit ``recipe-search ARGV`` as a Ray Job to the cluster whose dashboard is ``address``; with ``wait``,
     print its output as it comes (Ctrl-C detaches, the job goes on) and return the driver's exit code."""
+    from ray.exceptions import AuthenticationError
+
     import search
     import spaces
     import trainables
@@ -100,6 +109,8 @@ def submit(address: str, argv: list[str], wait: bool, out=None) -> int:
             runtime_env={"py_modules": modules, "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S), "PYTHONUNBUFFERED": "1"}},
             metadata={"recipe-search": argv[0]},
         )
+    except AuthenticationError:
+        raise SweepError(f"the Ray cluster at {address!r} uses token authentication and refused this client: {_TOKEN_HELP}") from None
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepError(f"the Ray cluster at {address!r} refused the job: {_first_line(err)}") from None
     print(f"submitted job {job_id} to {address}: recipe-search {shlex.join(argv)}", file=out)

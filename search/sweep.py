@@ -84,10 +84,12 @@ def init_ray(address: Optional[str] = None) -> None:
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        # Nodes of a remote cluster may not have this project installed: ship it.
+        # Nodes of a remote cluster may not have this project installed: ship it. A driver running as a Ray Job
+        # (recipe-search submit) has the job's runtime env, which ships it already (Ray refuses a second one).
         modules = [os.path.dirname(m.__file__) for m in (spaces, trainables, search)]
+        runtime_env = None if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else {"py_modules": modules}
         try:
-            ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": modules}, logging_level=logging.WARNING)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as err:  # not a Ray head, a token it refused, another version
             raise SweepError(f"the Ray cluster at {address!r} did not take this driver: {str(err).strip().splitlines()[0][:300]}") from None
     else:
