@@ -597,7 +597,8 @@ def report(
     paths = write_report(sweep_dir, spec.tracking_uri, spec.optuna_storage)
     mirrored = storage_of(sweep_dir)
     if mirrored:  # the sweep is on object storage: the report goes there too
-        mirrored[0].upload(paths["report"], mirrored[1], os.path.basename(paths["report"]))
+        for path in paths.values():  # the page and its figures (report/*.png)
+            mirrored[0].upload(path, mirrored[1], *os.path.relpath(path, sweep_dir).split(os.sep))
         print(f"report: {paths['report']} (and {mirrored[0]}/{mirrored[1]}/{os.path.basename(paths['report'])})")
         return
     print(f"report: {paths['report']}")

@@ -8,6 +8,7 @@ absolute paths, the sweep's directory and tracking URI.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -269,7 +270,7 @@ def _check_model_and_data(recipe: Recipe) -> None:
         return
     import timm
 
-    import trainables.bit  # noqa: F401 - registers this project's resnetv2_bit_tiny with timm, as a trial's import does
+    importlib.import_module("trainables.bit")  # registers this project's resnetv2_bit_tiny with timm, as a trial's import does
 
     if not timm.is_model(recipe.model.name):
         close = timm.list_models(f"*{recipe.model.name.split('_')[0][:12]}*")[:5]

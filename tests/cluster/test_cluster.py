@@ -90,6 +90,10 @@ def test_token_authentication_fails_fast_in_one_line_without_the_token(cluster, 
         assert expected in result.stderr and "set RAY_AUTH_MODE=token" in result.stderr, result.stderr
         assert time.time() - started < 60  # planning and the probe: not ray.init's retries
         assert not (tmp_path / "runs").exists()  # nothing left that blocks the name
+    # With the token as Ray documents it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), the driver joins and trains.
+    result = _cli("train", "digits-smoke", "--name", "with-token", "--set", "schedule.epochs=1", "--address", address,
+                  "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "best recipe written" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_a_sweep_submitted_as_a_ray_job_keeps_everything_in_s3_survives_a_lost_node_and_resumes(cluster, s3, tmp_path):
