@@ -137,10 +137,12 @@ def _searched(plan, state: dict[str, Any], started: float) -> None:
 
 
 def _interrupted(plan, line: str, stopped: Optional[dict[str, Any]] = None) -> None:
+    from search.layout import sweep_ref
+
     if stopped and stopped.get("disk_full"):  # stopped as an interrupt is, and said in one line
         typer.echo(f"error: {plan.name} stopped as if interrupted, the disk is full: {stopped['disk_full']}; free space, then resume it", err=True)
     print(f"\n{line}")
-    print(f"resume it with: recipe-search resume {plan.sweep_dir}")
+    print(f"resume it with: recipe-search resume {sweep_ref(plan.sweep_dir)}")
     raise typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -317,7 +319,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Trials by state and the best so far (also while the sweep runs)."""
-    from search.layout import driver_gone, find_sweep, read_state
+    from search.layout import driver_gone, find_sweep, read_state, sweep_ref
     from search.results import sweep_status, trial_rows
 
     sweep_dir = find_sweep(sweep_name, storage)
@@ -327,7 +329,7 @@ def status(
         return
     print(f"sweep {info['name']} ({info['path']}): " + ", ".join(f"{n} {s.lower()}" for s, n in info["trials"].items()))
     if driver_gone(read_state(sweep_dir)):
-        print(f"  its driver has stopped: recipe-search resume {sweep_dir}")
+        print(f"  its driver has stopped: recipe-search resume {sweep_ref(sweep_dir)}")
     metric = read_state(sweep_dir)["metric"]
     for row in trial_rows(sweep_dir):
         value = row["value"]
@@ -341,7 +343,7 @@ def status(
 
 def _print_phase(sweep_dir: str, phase: dict[str, Any]) -> None:
     from search.confirm import format_confirmation
-    from search.layout import read_confirmation
+    from search.layout import read_confirmation, sweep_ref
 
     if phase["phase"] == "search":
         print("phase: search")
@@ -351,12 +353,12 @@ def _print_phase(sweep_dir: str, phase: dict[str, Any]) -> None:
         failed = f", {phase['failed']} failed" if phase["failed"] else ""
         print(f"phase: confirmation over seeds, {phase['done']} of {phase['total']} runs done{failed}")
         if not phase["driver"]:
-            print(f"  no driver runs it: recipe-search resume {sweep_dir}")
+            print(f"  no driver runs it: recipe-search resume {sweep_ref(sweep_dir)}")
     elif phase.get("confirmation"):
         print("phase: done, " + ("confirmed over seeds" if phase["confirmed"] else "no confirmation run gave a result"))
         print(format_confirmation(read_confirmation(sweep_dir)))
     elif phase.get("confirmable"):
-        print(f"phase: done (one seed per recipe; confirm the best: recipe-search confirm {sweep_dir} --top 3 --seeds 3)")
+        print(f"phase: done (one seed per recipe; confirm the best: recipe-search confirm {sweep_ref(sweep_dir)} --top 3 --seeds 3)")
     else:
         print("phase: done")
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from spaces import SweepError, flatten, resolve_recipe
 
-from search.layout import CONFIRM_DIR, CONFIRMATION_FILE, META_DIR, read_confirmation, read_run_map, read_state, write_json
+from search.layout import CONFIRM_DIR, CONFIRMATION_FILE, META_DIR, read_confirmation, read_run_map, read_state, sweep_ref, write_json
 
 __all__ = [
     "ConfirmationPlan",
@@ -126,7 +126,7 @@ def plan_confirmation(sweep_dir: str, top: int, seeds: int, recipe_of, name_of) 
         return stored
     state = read_state(sweep_dir)
     if not state or not state.get("finished"):
-        raise SweepError(f"sweep {os.path.basename(sweep_dir)!r} has not finished its search: resume it first (recipe-search resume {sweep_dir})")
+        raise SweepError(f"sweep {os.path.basename(sweep_dir)!r} has not finished its search: resume it first (recipe-search resume {sweep_ref(sweep_dir)})")
     chosen = top_trials(state, top)
     if not chosen:
         raise SweepError(f"sweep {os.path.basename(sweep_dir)!r} has no trial that ran its whole schedule with a result: nothing to confirm")

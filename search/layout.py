@@ -40,6 +40,7 @@ __all__ = [
     "count_states",
     "driver_gone",
     "find_sweep",
+    "sweep_ref",
     "sweep_storage",
     "read_confirmation",
     "read_run_map",
@@ -420,6 +421,17 @@ def sweep_storage(sweep_dir: str):
     from search.storage import Storage, storage_of
 
     return storage_of(sweep_dir) or (Storage.open(os.path.dirname(os.path.abspath(sweep_dir))), os.path.basename(os.path.abspath(sweep_dir)))
+
+
+def sweep_ref(sweep_dir: str) -> str:
+    """How a command names the sweep whose local folder is ``sweep_dir`` (for the commands it prints): its path,
+    or, on object storage, its name and ``--storage`` (the mirror's path means nothing on another machine)."""
+    import shlex
+
+    from search.storage import storage_of
+
+    mirrored = storage_of(sweep_dir)
+    return f"{mirrored[1]} --storage {shlex.quote(mirrored[0].public)}" if mirrored else sweep_dir
 
 
 def trial_checkpoint(sweep_dir: str, trial_id: str) -> Optional[str]:

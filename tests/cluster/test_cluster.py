@@ -155,7 +155,7 @@ def test_a_sweep_submitted_as_a_ray_job_keeps_everything_in_s3_survives_a_lost_n
         assert time.time() < deadline
         time.sleep(1)
     stopped_logs = logs()
-    assert status() == "STOPPED" and "recipe-search resume" in stopped_logs and "Traceback" not in stopped_logs, stopped_logs[-4000:]
+    assert status() == "STOPPED" and "recipe-search resume jobsweep --storage 's3://sweeps/runs?endpoint_override=" in stopped_logs and "Traceback" not in stopped_logs, stopped_logs[-4000:]
     assert "runs/jobsweep/recipe-search/driver.json" not in objects(s3, "runs/jobsweep/")
     assert state()["finished"] is False
 

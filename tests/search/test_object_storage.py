@@ -66,6 +66,8 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     driver.send_signal(signal.SIGINT)
     output, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, output
+    # The resume command it prints names the storage (without the credentials), not this machine's mirror.
+    assert "resume it with: recipe-search resume s3sweep --storage 's3://sweeps/runs?endpoint_override=" in output, output
     assert not any(p.startswith("s3") for p in os.listdir(workdir)), os.listdir(workdir)  # no local folder named after the URI
     assert not (workdir / "runs").exists()
     # The lease went with the driver; the stopped state is in the bucket.
