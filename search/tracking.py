@@ -206,23 +206,24 @@ class MlflowWriter:
                 while not self.queue:
                     self.condition.wait()
                 items, self.queue, self.busy = self.queue, [], True
-            done = 0
-            while done < len(items):
+            while items:
                 try:
-                    done += self._write(items[done:])
+                    written = self._write(items)
+                    items = [item for i, item in enumerate(items) if i not in written]
                     self.failing = 0
                 except Exception as err:  # noqa: BLE001 - any store error: wait, then the same writes again
                     self.failing += 1
                     wait = self.RETRY_S[min(self.failing, len(self.RETRY_S)) - 1]
-                    logger.warning("MLflow write failed (%s); retrying in %.0f s, %d writes kept", str(err).splitlines()[0][:200], wait, len(items) - done)
+                    logger.warning("MLflow write failed (%s); retrying in %.0f s, %d writes kept", str(err).splitlines()[0][:200], wait, len(items))
                     time.sleep(wait)
             with self.condition:
                 self.busy = False
                 self.condition.notify_all()
 
-    def _write(self, items: list[tuple]) -> int:
-        """Make the first write of ``items``: a call, or the metrics of every consecutive item of the same
-        run (up to MLflow's batch limit); the number of items it covered."""
+    def _write(self, items: list[tuple]) -> set[int]:
+        """Make the first write of ``items``: a call, or the metrics of the first item's run from every item
+        queued before the next call (interleaved trials: one ``log_batch`` per run, not per result), up to
+        MLflow's batch limit; the indices of the items it covered."""
         if items[0][0] == "call":
             _, function, args, kwargs = items[0]
             try:
@@ -233,17 +234,19 @@ class MlflowWriter:
                 # The store refused this write itself (a value too long, a key it already has): the same write would
                 # be refused forever and hold back everything queued after it.
                 logger.warning("MLflow refused a write, which is dropped: %s", str(err).splitlines()[0][:300])
-            return 1
-        run_id, batch, steps = items[0][2], [], []
-        for item in items:
-            if item[0] != "metrics" or item[2] != run_id or (steps and len(batch) + len(item[4]) > _METRICS_BATCH):
-                break
-            batch.extend(item[4])
-            steps.append((item[1], item[3]))
+            return {0}
+        run_id, batch, steps, covered = items[0][2], [], [], set()
+        for i, item in enumerate(items):
+            if item[0] == "call" or (steps and len(batch) + len(item[4]) > _METRICS_BATCH):
+                break  # a call (a run's end, its params) keeps its place after the metrics queued before it
+            if item[2] == run_id:
+                batch.extend(item[4])
+                steps.append((item[1], item[3]))
+                covered.add(i)
         for start in range(0, len(batch), _METRICS_BATCH):
             self.client.log_batch(run_id, metrics=batch[start : start + _METRICS_BATCH])
         self.written(steps)
-        return len(steps)
+        return covered
 
 
 class MlflowTracking(Callback):

@@ -47,7 +47,8 @@ def cluster(tmp_path_factory):
     own process group: killing it kills the node)."""
     subprocess.run([os.path.join(BIN, "ray"), "stop", "--force"], capture_output=True, timeout=120)
     token = uuid.uuid4().hex * 2
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RECIPE_SEARCH_CACHE": str(tmp_path_factory.mktemp("head-cache"))}  # the cluster's cache (a job's mirrors): not the user's
     env.pop("RAY_ADDRESS", None)
     port, dashboard = _free_port(), _free_port()
     head = _ray("start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
