@@ -275,7 +275,7 @@ def resume(
     from search.layout import find_sweep
     from search.plan import load_sweep_spec
 
-    _launch(load_sweep_spec(find_sweep(sweep_name, storage), tracking_uri), resume=True)
+    _launch(load_sweep_spec(find_sweep(sweep_name, storage, for_driver=True), tracking_uri), resume=True)
 
 
 @app.command()
@@ -292,7 +292,7 @@ def confirm(
     from search.plan import load_sweep_spec, plan_sweep
 
     check_request(top, seeds)
-    sweep_dir = find_sweep(sweep_name, storage)
+    sweep_dir = find_sweep(sweep_name, storage, for_driver=True)
     done = read_confirmation(sweep_dir)
     if done is not None:
         from search.confirm import format_confirmation

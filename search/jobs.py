@@ -58,6 +58,9 @@ def job_argv(command: str, params: dict[str, Any], argv: list[str]) -> list[str]
         _absolute("--storage", storage, "an absolute path on storage every node reaches, or a URI (s3://BUCKET/PATH, gs://...)")
     if params.get("data") and params["data"] not in ("digits", "digits-det"):
         _absolute("--data", params["data"], "an absolute path every node reads (shared storage)")
+    optuna = params.get("optuna_storage") or ""
+    if optuna.startswith("sqlite:///") and not optuna[len("sqlite:///"):].startswith("/"):
+        raise SweepError(f"--optuna-storage {optuna!r} is relative, and {_RELATIVE_HELP}: give sqlite:////ABSOLUTE/PATH or a database URL")
     if command not in ("resume", "confirm"):
         _check_tracking(params.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"))
     argv = list(argv)
@@ -130,10 +133,12 @@ def _follow(client, job_id: str, address: str, out) -> int:
 
     try:
         asyncio.run(tail())
+        info = client.get_job_info(job_id)
     except KeyboardInterrupt:
         print(f"\ndetached: job {job_id} goes on (ray job logs -f {job_id} --address {address})", file=out, flush=True)
         return 0
-    info = client.get_job_info(job_id)
+    except Exception as err:  # noqa: BLE001 - the dashboard went away (head restarted, network): the job may go on
+        raise SweepError(f"lost the output of job {job_id} ({_first_line(err)}); it may still run: ray job status {job_id} --address {address}") from None
     if info.status == JobStatus.SUCCEEDED:
         return 0
     code = info.driver_exit_code

@@ -40,6 +40,7 @@ __all__ = [
     "count_states",
     "driver_gone",
     "find_sweep",
+    "pull_sweep",
     "sweep_ref",
     "sweep_storage",
     "read_confirmation",
@@ -72,28 +73,33 @@ LOG_FILE = "ray.log"
 RUN_PREFIX = "run:"
 
 
-def find_sweep(name_or_path: str, storage: str = "runs") -> str:
+def find_sweep(name_or_path: str, storage: str = "runs", for_driver: bool = False) -> str:
     """A sweep's local folder, by path or by name under the storage root. On object storage (``--storage
-    s3://...``, or the sweep's own URI) its files are pulled into its mirror on this machine first."""
-    from search.storage import Storage, is_uri, split_uri
+    s3://...``, or the sweep's own URI) its files are pulled from there first: into a copy of this process's
+    own to read it, or (``for_driver``: resume, confirm) into its mirror, unless a driver here runs it."""
+    from search.storage import Storage, is_uri, split_uri, storage_of
 
     if is_uri(name_or_path) or is_uri(storage):
         root, name = (storage, name_or_path) if not is_uri(name_or_path) else split_uri(name_or_path)
-        store = Storage.open(root)
-        if not store.is_file(name, SPEC_FILE):
-            raise SweepError(f"no sweep {name!r} in storage {store} (no {SPEC_FILE} there)")
-        return store.pull(name)
-    from search.storage import storage_of
-
+        return pull_sweep(Storage.open(root), name, for_driver)
     candidates = [Path(name_or_path), Path(storage).expanduser() / name_or_path]
     for candidate in candidates:
         if (candidate / SPEC_FILE).is_file():
-            mirrored = storage_of(str(candidate))  # a mirror's path (as messages print it): its sweep, pulled again
-            return mirrored[0].pull(mirrored[1]) if mirrored else str(candidate.absolute())
+            mirrored = storage_of(str(candidate))  # a mirror's path: its sweep, pulled again
+            return pull_sweep(mirrored[0], mirrored[1], for_driver) if mirrored else str(candidate.absolute())
     for candidate in candidates:
         if candidate.is_dir():
             raise SweepError(f"{str(candidate)!r} is not a sweep directory (it has no {SPEC_FILE})")
     raise SweepError(f"no sweep {name_or_path!r}: not a path, and not a name under storage {storage!r}")
+
+
+def pull_sweep(store, name: str, for_driver: bool) -> str:
+    """Sweep ``name`` of remote storage ``store``, pulled (see ``find_sweep``); one-line errors."""
+    if not store.is_file(name, SPEC_FILE):
+        raise SweepError(f"no sweep {name!r} in storage {store} (no {SPEC_FILE} there)")
+    if for_driver and os.path.isdir(store.mirror(name)):
+        check_no_driver(store.mirror(name))  # its mirror is that driver's working copy
+    return store.pull(name, reading=not for_driver)
 
 
 # The keys (and their types) without which a file the driver writes cannot be read.

@@ -28,11 +28,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from spaces import SweepError
 
-__all__ = ["MirrorSync", "Storage", "fetched", "is_uri", "join", "mark_mirror", "mirror_root", "split_uri", "storage_of"]
+__all__ = ["MirrorSync", "Storage", "display", "fetched", "is_uri", "join", "mark_mirror", "mirror_root", "split_uri", "storage_of"]
 
 logger = logging.getLogger("recipe_search")
 
 REMOTE_FILE = "recipe-search/remote.json"  # in a mirror only: the storage and name it mirrors
+UNPUSHED_FILE = "recipe-search/unpushed"  # in a mirror only: its driver's last push did not land
 # What a mirror holds and a pull fetches: the project's folders of a sweep and its confirmation, and
 # the files at the sweep's top that are the project's (Tune's files there are Tune's to read).
 _PULLED_DIRS = ("recipe-search", "confirm/recipe-search")
@@ -81,6 +82,11 @@ def mirror_root() -> str:
     """Where mirrors of sweeps on object storage live on this machine: ``$RECIPE_SEARCH_CACHE`` or
     ``~/.cache/recipe-search`` (outside any working directory: a Ray Job's is deleted with the job)."""
     return os.path.expanduser(os.environ.get("RECIPE_SEARCH_CACHE") or os.path.join("~", ".cache", "recipe-search"))
+
+
+def display(location: str) -> str:
+    """A location for messages: a path as it is; a URI without its user, password and query."""
+    return _short(location) if is_uri(location) else location
 
 
 def _short(uri: str) -> str:
@@ -186,35 +192,54 @@ class Storage:
             raise SweepError(f"storage {self}: {'/'.join(parts)} cannot be written: {str(err).splitlines()[0][:200]}") from None
 
     def mirror(self, name: str) -> str:
-        """The local folder that mirrors sweep ``name`` of this (remote) storage."""
+        """The local folder that mirrors sweep ``name`` of this (remote) storage: its driver's."""
         key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
         return os.path.join(mirror_root(), "mirrors", key, name)
 
-    def pull(self, name: str) -> str:
-        """The project's files of sweep ``name``, fetched into its mirror (what was there replaced); the mirror."""
+    def pull(self, name: str, reading: bool = False) -> str:
+        """The project's files of sweep ``name`` fetched from the storage into a local folder; that folder.
+
+        ``reading`` (status, best, report, run:NAME): a copy of this process's own, removed when it exits, so
+        that reading never touches the mirror a driver on this machine writes. Else (a driver that resumes it):
+        into the sweep's mirror, replacing it; what an earlier driver here could not push is pushed first."""
+        if reading:
+            import atexit
+
+            folder = tempfile.mkdtemp(prefix="read-", dir=_makedirs(os.path.join(mirror_root(), "reads")))
+            atexit.register(shutil.rmtree, folder, True)
+            target = os.path.join(folder, name)
+        else:
+            target = self.mirror(name)
+            if os.path.exists(os.path.join(target, UNPUSHED_FILE)):
+                if not MirrorSync(target, self, name).stop():
+                    raise SweepError(
+                        f"sweep {name!r}: files its last driver here could not push to storage {self} are kept in {target}, "
+                        "and the storage still refuses them (see ray.log there); resume once it takes writes"
+                    )
+            shutil.rmtree(target, ignore_errors=True)
+        self._fetch(name, target)
+        mark_mirror(target, self, name)
+        return target
+
+    def _fetch(self, name: str, target: str) -> None:
         import pyarrow.fs
 
-        mirror = self.mirror(name)
-        shutil.rmtree(mirror, ignore_errors=True)
-        os.makedirs(os.path.join(mirror, "recipe-search"), mode=0o700)
         wanted = [self.fs_path(name, f) for f in _PULLED_FILES]
         for folder in _PULLED_DIRS:
             for entry in self.fs.get_file_info(pyarrow.fs.FileSelector(self.fs_path(name, folder), allow_not_found=True, recursive=True)):
                 if entry.type == pyarrow.fs.FileType.File:
                     wanted.append(entry.path)
+        os.makedirs(os.path.join(target, "recipe-search"), exist_ok=True)
         for source in wanted:
-            target = os.path.join(mirror, os.path.relpath(source, self.fs_path(name)))
+            path = os.path.join(target, os.path.relpath(source, self.fs_path(name)))
             try:
                 with self.fs.open_input_stream(source) as f:
                     data = f.read()
             except FileNotFoundError:
                 continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
                 f.write(data)
-        with open(os.path.join(mirror, REMOTE_FILE), "w") as f:
-            json.dump({"storage": self.location, "name": name}, f)
-        return mirror
 
     def new_mirror(self, name: str) -> str:
         """An empty mirror for a new sweep ``name`` (a leftover of an earlier sweep of that name removed)."""
@@ -234,9 +259,16 @@ def storage_of(sweep_dir: str) -> Optional[tuple[Storage, str]]:
         return None
 
 
+def _makedirs(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def mark_mirror(sweep_dir: str, storage: Storage, name: str) -> None:
+    """Record in a mirror which storage and sweep it mirrors (readable by this user alone: a URI may hold credentials)."""
     os.makedirs(os.path.join(sweep_dir, "recipe-search"), exist_ok=True)
-    with open(os.path.join(sweep_dir, REMOTE_FILE), "w") as f:
+    fd = os.open(os.path.join(sweep_dir, REMOTE_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
         json.dump({"storage": storage.location, "name": name}, f)
 
 
@@ -285,7 +317,7 @@ class MirrorSync:
             for file in files:
                 path = os.path.join(root, file)
                 rel = os.path.relpath(path, self.sweep_dir)
-                if rel == REMOTE_FILE or file.endswith((".tmp", ".beat", "-journal", "-wal", "-shm")) or (file == "ray.log" and not logs):
+                if rel in (REMOTE_FILE, UNPUSHED_FILE) or file.endswith((".tmp", ".beat", "-journal", "-wal", "-shm")) or (file == "ray.log" and not logs):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     info = os.stat(path)
@@ -322,11 +354,20 @@ class MirrorSync:
             return ok
 
     def stop(self) -> bool:
-        """Stop the thread and push the rest (with ``ray.log``); False when something did not land."""
+        """Stop the thread and push the rest (with ``ray.log``); False when something did not land (the mirror
+        is then marked: the next driver here pushes it before it pulls)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
-        return self.push(logs=True)
+        ok = self.push(logs=True)
+        marker = os.path.join(self.sweep_dir, UNPUSHED_FILE)
+        if ok:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
+        else:
+            with contextlib.suppress(OSError), open(marker, "w"):
+                pass
+        return ok
 
     def remove_all(self) -> None:
         """Delete everything this sync pushed (a launch that failed before its first trial leaves nothing)."""

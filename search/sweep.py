@@ -376,6 +376,8 @@ def hold_lease(sweep_dir: str, period_s: float = 10.0, storage: Optional[Storage
     failed = True
     try:
         take_lease(sweep_dir, lease)
+        if sync is not None:
+            sync.push(logs=False)  # the lease in the storage at once, not 5 s later: other machines see this driver
         end_heartbeat = _heartbeat(sweep_dir, lease, period_s)
         try:
             yield

@@ -243,8 +243,15 @@ class MlflowWriter:
                 batch.extend(item[4])
                 steps.append((item[1], item[3]))
                 covered.add(i)
-        for start in range(0, len(batch), _METRICS_BATCH):
-            self.client.log_batch(run_id, metrics=batch[start : start + _METRICS_BATCH])
+        try:
+            for start in range(0, len(batch), _METRICS_BATCH):
+                self.client.log_batch(run_id, metrics=batch[start : start + _METRICS_BATCH])
+        except MlflowException as err:
+            if err.error_code not in _REFUSED:
+                raise
+            # e.g. the run was deleted in the UI: these results can never land, and must not hold back the others
+            logger.warning("MLflow refused the results of run %s, which are dropped: %s", run_id, str(err).splitlines()[0][:300])
+            return covered
         self.written(steps)
         return covered
 

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 from spaces import Recipe, Space, SweepError
 
-from search.layout import SPEC_FILE, best_checkpoint, read_state
+from search.layout import SPEC_FILE, best_checkpoint, pull_sweep, read_state
 from search.plan import UPSTREAM_RECIPE, SweepPlan, SweepSpec, load_sweep_spec, needs_upstream, plan_sweep
-from search.storage import Storage
+from search.storage import Storage, display
 from search.sweep import hold_lease, run_sweep
 
 __all__ = ["run_with_upstream", "upstream_checkpoint"]
@@ -37,11 +37,11 @@ def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str
     name = f"upstream-digits-{recipe.model.backbone}-{norm}"
     store = Storage.open(storage)
     exists = store.is_file(name, SPEC_FILE)
-    sweep_dir = store.pull(name) if store.remote and exists else store.mirror(name) if store.remote else store.fs_path(name)
+    sweep_dir = pull_sweep(store, name, for_driver=True) if store.remote and exists else store.mirror(name) if store.remote else store.fs_path(name)
     state = read_state(sweep_dir) or {}
     if state.get("finished") and state.get("best"):
         path = best_checkpoint(sweep_dir)
-        print(f"pretrained backbone: {path} (upstream run {name}, val/top1={state['best']['value']:.4f})", file=out)
+        print(f"pretrained backbone: {display(path)} (upstream run {name}, val/top1={state['best']['value']:.4f})", file=out)
         return path
     resume = exists
     print(f"pretrained backbone: {'resuming' if resume else 'training'} upstream run {name} ({UPSTREAM_RECIPE}: {recipe.model.backbone}, {norm})", file=out)

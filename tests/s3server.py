@@ -59,3 +59,10 @@ def read_object(endpoint: str, key: str) -> bytes:
 
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
     return client.get_object(Bucket="sweeps", Key=key)["Body"].read()
+
+
+def delete_object(endpoint: str, key: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+    client.delete_object(Bucket="sweeps", Key=key)

@@ -74,7 +74,9 @@ def local_checkpoint(location: str) -> str:
                     f.write(chunk)
             os.replace(partial, target)
     except (OSError, ValueError) as err:
-        raise DataError(f"model.init: checkpoint {location.split('?')[0]!r} cannot be read: {str(err).splitlines()[0][:200]}") from None
+        shown = location.split("?")[0].split("://", 1)
+        shown = f"{shown[0]}://{shown[1].split('/')[0].rpartition('@')[2]}/{shown[1].partition('/')[2]}"  # no user or password
+        raise DataError(f"model.init: checkpoint {shown!r} cannot be read: {str(err).splitlines()[0][:200]}") from None
     return target
 
 

@@ -495,6 +495,7 @@ CASES: list[tuple[list[str], str, tuple[Any, ...]]] = [
     (["submit", "--", "sweep", "--storage", "runs"], "--storage 'runs' is relative, and a Ray Job runs in a temporary working directory", ()),
     (["submit", "--", "resume", "s"], "--storage 'runs' is relative", ()),
     (["submit", "--", "sweep", "--storage", "/no/runs"], "--tracking-uri is needed", ()),
+    (["submit", "--", "sweep", "--storage", "/no/runs", "--optuna-storage", "sqlite:///o.db"], "--optuna-storage 'sqlite:///o.db' is relative", ()),
     (["submit", "--", "train", "rsb-digits", "--storage", "/no/runs", "--tracking-uri", "sqlite:///mlflow.db"], "--tracking-uri 'sqlite:///mlflow.db' is relative", ()),
     (["submit", "--", "sweep", "--storage", "/no/runs", "--tracking-uri", "sqlite:////no/m.db", "--data", "img"], "--data 'img' is relative", ()),
     (["submit", "--address", "http://127.0.0.1:9", "--", "sweep", "--storage", "/no/runs", "--tracking-uri", "sqlite:////no/m.db"],

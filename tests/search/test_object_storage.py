@@ -23,7 +23,7 @@ from search.cli import app
 from search.plan import SweepSpec, load_sweep_spec, plan_sweep
 from search.sweep import hold_lease, run_sweep
 from spaces import parse_space, validate_recipe
-from tests.s3server import bucket_uri, objects, read_object
+from tests.s3server import bucket_uri, delete_object, objects, read_object
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,14 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
         time.sleep(1)
     else:
         pytest.fail("no finished trial reached the bucket in time")
+    # `status` on this machine while the driver runs reads a copy of its own: the driver's mirror is not touched.
+    from search.storage import Storage
+
+    optuna_db = os.path.join(Storage.open(storage).mirror("s3sweep"), "recipe-search", "optuna.db")
+    inode = os.stat(optuna_db).st_ino
+    result = CliRunner().invoke(app, ["status", "s3sweep", "--storage", storage])
+    assert result.exit_code == 0 and "s3sweep" in result.output, result.output
+    assert os.stat(optuna_db).st_ino == inode
     driver.send_signal(signal.SIGINT)
     output, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, output
@@ -103,10 +111,10 @@ def test_a_sweep_on_s3_is_kept_in_the_bucket_resumed_and_read_from_anywhere(ray_
     best = json.loads(result.output)
     assert best["trial_id"] == state["best"]["trial_id"] and best["value"] == state["best"]["value"]
     assert validate_recipe(yaml.safe_load(read_object(s3, "runs/s3sweep/best_recipe.yaml"))) == validate_recipe(best["recipe"])
-    before = read_object(s3, "runs/s3sweep/report.html")
+    delete_object(s3, "runs/s3sweep/report.html")
     result = CliRunner().invoke(app, ["report", "s3sweep", "--storage", storage])
     assert result.exit_code == 0 and "s3://sweeps/runs/s3sweep/report.html" in result.output, result.output
-    assert read_object(s3, "runs/s3sweep/report.html") != before or "3 of 3 trials" in before.decode()
+    assert "3 of 3 trials" in read_object(s3, "runs/s3sweep/report.html").decode()  # written back to the bucket
 
     # model.init=run:NAME from the bucket, under Ray Train (its run's checkpoints go to the bucket too).
     spec = SweepSpec(
@@ -130,7 +138,7 @@ def test_object_storage_errors_are_one_line(s3, workdir, monkeypatch):
     result = subprocess.run([sys.executable, "-m", "search.cli", "status", "nope", "--storage", missing], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "s3://sweeps" not in result.stderr and "test:test" not in result.stderr and "nobucket" in result.stderr
+    assert "test:test" not in result.stderr and "nobucket" in result.stderr
     result = subprocess.run([sys.executable, "-m", "search.cli", "sweep", "rsb", "--trials", "1", "--storage", missing], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot be written" in result.stderr, result.stderr
