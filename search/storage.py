@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from spaces import SweepError
 
-__all__ = ["MirrorSync", "Storage", "display", "fetched", "is_uri", "join", "mark_mirror", "mirror_root", "split_uri", "storage_of"]
+__all__ = ["MirrorSync", "Storage", "display", "is_uri", "join", "mark_mirror", "mirror_root", "split_uri", "storage_of"]
 
 logger = logging.getLogger("recipe_search")
 
@@ -59,23 +59,6 @@ def join(location: str, *parts: str) -> str:
         return os.path.join(location, *parts)
     split = urlsplit(location)
     return urlunsplit((split.scheme, split.netloc, "/".join([split.path.rstrip("/"), *[p.strip("/") for p in parts if p]]), split.query, ""))
-
-
-def fetched(location: str) -> str:
-    """A local copy of the file at ``location``: the path itself, or a URI's object downloaded once into the
-    cache (``mirror_root()/downloads``), e.g. a winner's checkpoint on object storage to log to MLflow."""
-    if not is_uri(location):
-        return location
-    import pyarrow.fs
-
-    target = os.path.join(mirror_root(), "downloads", hashlib.sha256(location.encode()).hexdigest()[:16], split_uri(location)[1])
-    if not os.path.isfile(target):
-        fs, path = pyarrow.fs.FileSystem.from_uri(location)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with fs.open_input_stream(path) as source, open(target + ".tmp", "wb") as f:
-            shutil.copyfileobj(source, f, 1 << 20)
-        os.replace(target + ".tmp", target)
-    return target
 
 
 def mirror_root() -> str:

@@ -35,7 +35,7 @@ from search.layout import (
 from search.monitor import SweepMonitor
 from search.plan import SweepPlan
 from search.report import write_report
-from search.storage import MirrorSync, Storage, fetched, join, mark_mirror
+from search.storage import MirrorSync, Storage, join, mark_mirror
 from search.tracking import TAG_CONFIRMS, TAG_SEED, MlflowTracking, provenance_tags, rebuild_run_map, run_name
 from search.trial import ConfirmationResources, confirmation_recipe, run_confirmation_trial, run_trial, trial_resources, uses_ray_train
 
@@ -457,13 +457,21 @@ def run_sweep(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]
         return {**(read_state(plan.sweep_dir) or {}), **how}
     best = state.get("best")
     if best:
-        files = {"recipe": _write_best(plan, best["recipe"])}
-        checkpoint = trial_checkpoint(plan.sweep_dir, best["trial_id"]) if plan.spec.log_checkpoint else None
-        if checkpoint:
-            files["checkpoint"] = fetched(join(checkpoint, CHECKPOINT_FILE))
-        tracker.log_best(best, files)
+        tracker.log_best(best, _winner_files(plan, best["trial_id"], best["recipe"]))
     _report(plan, out)
     return state
+
+
+def _winner_files(plan: SweepPlan, trial_id: str, recipe: dict[str, Any]) -> dict[str, str]:
+    """The winner's files to log to MLflow: its recipe (written as ``best_recipe.yaml``), and with
+    ``--log-checkpoint`` its checkpoint file (a local copy when the sweep is on object storage)."""
+    from trainables.checkpoints import local_checkpoint
+
+    files = {"recipe": _write_best(plan, recipe)}
+    checkpoint = trial_checkpoint(plan.sweep_dir, trial_id) if plan.spec.log_checkpoint else None
+    if checkpoint:
+        files["checkpoint"] = local_checkpoint(join(checkpoint, CHECKPOINT_FILE))
+    return files
 
 
 def _write_best(plan: SweepPlan, recipe: dict[str, Any]) -> str:
@@ -582,10 +590,7 @@ def run_confirmation(plan: SweepPlan, top: int, seeds: int, out=None) -> dict[st
     summary = confirmation_summary(plan.sweep_dir)
     # confirmation.json last: once it exists the confirmation is done, and resume has nothing left to redo.
     winner = next((r for r in summary["recipes"] if r["trial_id"] == summary["winner"]), None)
-    files = {"recipe": _write_best(plan, winner["recipe"])} if winner else {}
-    checkpoint = trial_checkpoint(plan.sweep_dir, winner["trial_id"]) if winner and plan.spec.log_checkpoint else None
-    if checkpoint:
-        files["checkpoint"] = fetched(join(checkpoint, CHECKPOINT_FILE))
+    files = _winner_files(plan, winner["trial_id"], winner["recipe"]) if winner else {}
     tracker.log_confirmed(summary, format_confirmation(summary), files)
     write_confirmation(plan.sweep_dir, summary)
     _report(plan, out)
