@@ -28,18 +28,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-# Imported with the module, not at first use: importing scikit-learn draws from the global RNGs,
-# which a trial has seeded by then.
 from scipy.spatial import ConvexHull
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from spaces import DataError, RecipeError
 from spaces.errors import short
-from trainables.data import DatasetSummary
+from trainables.data import DatasetSummary, digits_split
 
 __all__ = [
     "COCO_STAT_NAMES",
@@ -64,7 +60,6 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 DIGITS_DET_VERSION = 1  # bump when the generator changes what it writes
 DIGITS_DET_MARKER = "digits_det.json"
-DIGITS_DET_VAL_FRACTION = 0.2  # the classification digits' stratified split (seed 0): 1,437 / 360 digits
 _DIGIT_SIDE = (12 / 64, 28 / 64)  # pasted digit side as a fraction of the canvas: 12..28 px at 64 px
 _MAX_DIGITS = 4
 _MAX_PLACEMENT_IOU = 0.3
@@ -136,12 +131,9 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarra
     The split is fixed and is the classification digits' split, so a backbone trained
     on those never saw a digit of the detection val set.
     """
-    bunch = load_digits()
-    pixels = (bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    idx_train, idx_val = train_test_split(
-        np.arange(len(pixels)), test_size=DIGITS_DET_VAL_FRACTION, stratify=bunch.target, random_state=0
-    )
-    return pixels, bunch.target.astype(np.int64), (np.sort(idx_train), np.sort(idx_val))
+    images, target, idx_train, idx_val = digits_split()
+    pixels = (images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return pixels, target.astype(np.int64), (np.sort(idx_train), np.sort(idx_val))
 
 
 def _draw_canvas(

@@ -6,22 +6,20 @@ real 8x8 images, 10 classes), shipped inside the package: it needs no download.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-# Imported here, not when the digits are first built: importing scikit-learn draws from the global
-# RNGs, and doing it after a trial seeded them made the first trial in a process differ from the rest.
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, default_collate
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import DatasetFolder, ImageFolder
 
 from spaces import DataError
 from spaces.errors import short
@@ -39,6 +37,7 @@ __all__ = [
     "check_image_folder",
     "check_training_set",
     "collate_readable",
+    "digits_split",
     "stratified_subset",
 ]
 
@@ -86,16 +85,42 @@ def stratified_subset(targets: Sequence[int], fraction: float, seed: int) -> lis
     return sorted(keep)
 
 
-def _digits(size: int) -> tuple[ImageList, ImageList, int]:
+@functools.lru_cache(maxsize=None)
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (8x8 images of 0..16 grey levels, labels) and the fixed stratified
+    split of their indices (train, val): one split for the classification and detection digits.
+
+    scikit-learn is imported here, on first use: about a second that a worker training on an ImageFolder
+    or COCO does not pay. Its import draws from Python's global RNG; the RNG's state is put back, so a
+    trial seeded before the first use gets the same numbers as the next trial in the process.
+    """
+    state = random.getstate()
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    finally:
+        random.setstate(state)
     bunch = load_digits()
-    # 0..16 grey levels -> 8-bit RGB, upscaled once so augmentations work on real pixels.
-    pixels = (bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    images = [Image.fromarray(p, mode="L").convert("RGB").resize((size, size), Image.BICUBIC) for p in pixels]
     idx_train, idx_val = train_test_split(
-        np.arange(len(images)), test_size=DIGITS_VAL_FRACTION, stratify=bunch.target, random_state=0
+        np.arange(len(bunch.target)), test_size=DIGITS_VAL_FRACTION, stratify=bunch.target, random_state=0
     )
-    train = ImageList([images[i] for i in idx_train], bunch.target[idx_train])
-    val = ImageList([images[i] for i in idx_val], bunch.target[idx_val])
+    return bunch.images, bunch.target, idx_train, idx_val
+
+
+@functools.lru_cache(maxsize=4)
+def _digit_images(size: int) -> tuple[tuple[Image.Image, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """The decoded digits at ``size``, once per process (a reused trial actor does not decode them again)."""
+    images, target, idx_train, idx_val = digits_split()
+    # 0..16 grey levels -> 8-bit RGB, upscaled once so augmentations work on real pixels.
+    pixels = (images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    decoded = tuple(Image.fromarray(p, mode="L").convert("RGB").resize((size, size), Image.BICUBIC) for p in pixels)
+    return decoded, target, idx_train, idx_val
+
+
+def _digits(size: int) -> tuple[ImageList, ImageList, int]:
+    images, target, idx_train, idx_val = _digit_images(size)  # transforms make new images: sharing them is safe
+    train = ImageList([images[i] for i in idx_train], target[idx_train])
+    val = ImageList([images[i] for i in idx_val], target[idx_val])
     return train, val, 10
 
 
@@ -123,19 +148,31 @@ def check_image_folder(root: str | os.PathLike) -> None:
             raise DataError(f"dataset {str(root)!r}: train/ and val/ have different class folders")
 
 
+@functools.lru_cache(maxsize=8)
+def _scan(directory: str, classes: tuple[tuple[str, int], ...], extensions: Optional[tuple[str, ...]], allow_empty: bool) -> tuple:
+    """torchvision's scan of a split folder, once per process, each file checked to resolve inside the dataset root."""
+    samples = DatasetFolder.make_dataset(directory, dict(classes), extensions, None, allow_empty)
+    top = os.path.realpath(os.path.dirname(os.path.abspath(directory)))
+    for path, _ in samples:
+        if os.path.commonpath([top, os.path.realpath(path)]) != top:
+            raise DataError(f"dataset file {path!r} points outside the dataset root {top!r}")
+    return tuple(samples)
+
+
 class ReadableImageFolder(ImageFolder):
-    """torchvision's ImageFolder that skips images it cannot decode, and keeps to its root.
+    """torchvision's ImageFolder that skips images it cannot decode, keeps to its root, and scans a folder once.
 
     An undecodable image comes back as None (``collate_readable`` drops it and
     counts it); a file that resolves outside the dataset root (a symlink) is refused.
+    The list of files is kept per process: the next trial a reused actor runs does not
+    walk (and check) a large dataset again; files added to the folder meanwhile are not seen.
     """
 
-    def __init__(self, root: str, **kwargs: Any) -> None:
-        super().__init__(root, **kwargs)
-        top = os.path.realpath(os.path.dirname(os.path.abspath(root)))
-        for path, _ in self.samples:
-            if os.path.commonpath([top, os.path.realpath(path)]) != top:
-                raise DataError(f"dataset file {path!r} points outside the dataset root {top!r}")
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list[tuple[str, int]]:
+        if is_valid_file is not None:
+            return DatasetFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        return list(_scan(os.fspath(directory), tuple(sorted(class_to_idx.items())), extensions, allow_empty))
 
     def __getitem__(self, index: int) -> Optional[tuple[Any, int]]:
         try:
