@@ -5,6 +5,8 @@ run twice in one Ray instance, side by side: with Tune's bare callbacks, and thr
 full stack (the sweep's state, its progress lines, MLflow runs in a SQLite store). Printed: results per
 second of each, their ratio, at each N; and the full stack's driver cost per result at the largest N
 over that at the smallest. Targets: ratio >= 0.8; cost per result at 1,000 trials within 1.5x of 100.
+Where the difference goes: the seconds spent inside the project's callbacks (Tune's control loop waits
+for them), and the CPU seconds of the driver process (its loop, the callbacks and the MLflow writer thread).
 
     python bench/driver_scale.py [--trials 100,1000] [--results 50]
 """
@@ -37,6 +39,26 @@ def synthetic(config: dict, results: int) -> None:
         tune.report(TrialReport.period({"val/top1": value, "val/loss": 1.0 - value, "train/loss": 1.0 - value}, epoch, results, Unit.EPOCH).to_result())
 
 
+HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_result", "on_trial_complete",
+         "on_trial_error", "on_checkpoint", "on_experiment_end")
+
+
+def timed(callback, spent: list[float]):
+    """``callback`` with each Tune hook's time added to ``spent[0]``."""
+    for hook in HOOKS:
+        method = getattr(callback, hook)
+
+        def wrapper(*args, _method=method, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
+
+        setattr(callback, hook, wrapper)
+    return callback
+
+
 def measure(trials: int, results: int, full: bool, root: str) -> dict[str, float]:
     from ray import tune
 
@@ -47,25 +69,24 @@ def measure(trials: int, results: int, full: bool, root: str) -> dict[str, float
         storage=os.path.join(root, "runs"), tracking_uri=f"sqlite:///{root}/mlflow-{trials}.db",
     )
     plan = plan_sweep(spec)
-    callbacks = []
+    callbacks, spent = [], [0.0]
     if full:
         write_spec(plan)
-        callbacks = list(_callbacks(plan, io.StringIO(), resume=False))
+        callbacks = [timed(c, spent) for c in _callbacks(plan, io.StringIO(), resume=False)]
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(synthetic, results=results), {"cpu": CPU_PER_TRIAL}),
         param_space={"optim.lr": tune.uniform(0.01, 0.3)},
         tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=plan.storage_root, callbacks=callbacks, verbose=0),
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     grid = tuner.fit()
-    seconds = time.perf_counter() - started
     if full:
         callbacks[0].flush(None)  # every MLflow write landed: counted in the time
-        seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     done = sum(len(r.metrics_dataframe) for r in grid)
     assert done == trials * results, (done, trials * results)
-    return {"seconds": seconds, "results": done, "per_s": done / seconds}
+    return {"seconds": seconds, "results": done, "per_s": done / seconds, "callbacks_s": spent[0], "driver_cpu_s": cpu}
 
 
 def main() -> None:
@@ -83,7 +104,9 @@ def main() -> None:
             rows[trials] = (bare, full)
             print(
                 f"{trials:>5} trials x {args.results} results: bare {bare['per_s']:7.1f} results/s ({bare['seconds']:.1f} s), "
-                f"full {full['per_s']:7.1f} results/s ({full['seconds']:.1f} s), ratio {full['per_s'] / bare['per_s']:.2f}",
+                f"full {full['per_s']:7.1f} results/s ({full['seconds']:.1f} s), ratio {full['per_s'] / bare['per_s']:.2f}; "
+                f"in the project's callbacks {full['callbacks_s']:.1f} s; driver CPU bare {bare['driver_cpu_s']:.1f} s, "
+                f"full {full['driver_cpu_s']:.1f} s",
                 flush=True,
             )
     if len(counts) > 1:

@@ -9,7 +9,6 @@ prints one line per trial state change instead of Ray's wall of logs.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import socket
@@ -23,7 +22,7 @@ from ray.tune.experiment import Trial
 from spaces import Recipe
 from trainables.report import Progress, TrialReport, Unit
 
-from search.layout import STATE_FILE, read_state
+from search.layout import STATE_FILE, read_state, write_json
 from search.tracking import error_line, trial_out_of_disk
 
 __all__ = ["SweepMonitor", "better"]
@@ -110,11 +109,12 @@ class SweepMonitor(Callback):
         elapsed = time.time() - self.started
         print(f"[{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {text}", file=self.out, flush=True)
 
-    SAVE_EVERY_S = 1.0  # results are saved at most this often; a trial's start and end at once
+    SAVE_EVERY_S = 1.0  # the state is saved at most this often as trials start, report and end
 
     def _save_soon(self) -> None:
-        """A result: ``state.json`` at most once a second (it holds every trial: rewriting it per result
-        costs the driver O(trials) per result); ``on_step_end`` writes what is left."""
+        """``state.json`` at most once a second (it holds every trial: rewriting it per result, or per trial
+        start and end, costs the driver O(trials) each); ``on_step_end`` writes what is left, and the
+        experiment's end and an interrupt write it at once."""
         self.dirty = True
         self.on_step_end(0, [])
 
@@ -124,12 +124,7 @@ class SweepMonitor(Callback):
 
     def _save(self) -> None:
         self.dirty, self.saved_at = False, time.monotonic()
-        path = os.path.join(self.sweep_dir, STATE_FILE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f, indent=1, default=str)
-        os.replace(tmp, path)
+        write_json(os.path.join(self.sweep_dir, STATE_FILE), self.state)
 
     def _record(self, trial: Trial) -> dict[str, Any]:
         return self.state["trials"].setdefault(trial.trial_id, {"config": dict(trial.config), "status": "PENDING"})
@@ -145,11 +140,12 @@ class SweepMonitor(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         for known in trials:  # records (and ordinals) in the order Tune created the trials, not the order they start
-            self._record(known)
+            if known.trial_id not in self.state["trials"]:
+                self._record(known)
         record = self._record(trial)
         resumed = record["status"] != "PENDING"
         record["status"] = "RUNNING"
-        self._save()
+        self._save_soon()
         sampled = self.describe(trial.config) if self.describe else " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
         self._print(f"trial {self._ordinal(trial)} {trial.trial_id} {'resumed' if resumed else 'started'}: {sampled or '(base recipe)'}")
 
@@ -189,7 +185,7 @@ class SweepMonitor(Callback):
             if complete and better(value, best["value"] if best else None, self.mode):
                 self._set_best(trial.trial_id, record, value)
                 line += " (best so far)" if self.ranks else ""
-        self._save()
+        self._save_soon()
         self._print(line)
 
     def _set_best(self, trial_id: str, record: dict[str, Any], value: float) -> None:
