@@ -21,19 +21,29 @@ from search.sweep import hold_lease, run_sweep
 __all__ = ["run_with_upstream", "upstream_checkpoint"]
 
 
+def _upstream_norm(norm: str) -> str:
+    return "gn" if norm == "gn" else "bn"  # a BN classifier serves bn, syncbn and frozen_bn detectors
+
+
 def run_with_upstream(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
-    """``run_sweep``, after the upstream run a detection plan on digits-det needs for its pretrained arm."""
+    """``run_sweep``, after the upstream runs a detection plan on digits-det needs for its pretrained arm:
+    one per backbone norm its trials can have, each trial loading its own norm's."""
     if needs_upstream(plan.space, plan.recipe):
-        checkpoint = upstream_checkpoint(plan.recipe, plan.storage_root, plan.tracking_uri, plan.spec.address, out)
-        plan.overrides["model.pretrained"] = checkpoint
-        plan.recipe.model.pretrained = checkpoint
+        norms = {plan.recipe.model.norm}
+        if "model.norm" in plan.space.params:
+            norms |= set(plan.space.params["model.norm"].edge_values())
+        checkpoints = {
+            family: upstream_checkpoint(plan.recipe, family, plan.storage_root, plan.tracking_uri, plan.spec.address, out)
+            for family in sorted({_upstream_norm(n) for n in norms})
+        }
+        plan.overrides["model.pretrained"] = checkpoints if len(checkpoints) > 1 else next(iter(checkpoints.values()))
+        plan.recipe.model.pretrained = checkpoints[_upstream_norm(plan.recipe.model.norm)]
     return run_sweep(plan, out=out, resume=resume)
 
 
-def upstream_checkpoint(recipe: Recipe, storage: str, tracking_uri: Optional[str], address: Optional[str], out=None) -> str:
-    """Train (or reuse) the digits classifier of ``recipe``'s backbone; return its checkpoint directory."""
+def upstream_checkpoint(recipe: Recipe, norm: str, storage: str, tracking_uri: Optional[str], address: Optional[str], out=None) -> str:
+    """Train (or reuse) the digits classifier of ``recipe``'s backbone with ``norm`` (gn or bn); return its checkpoint directory."""
     out = out or sys.stdout
-    norm = "gn" if recipe.model.norm == "gn" else "bn"
     name = f"upstream-digits-{recipe.model.backbone}-{norm}"
     store = Storage.open(storage)
     exists = store.is_file(name, SPEC_FILE)

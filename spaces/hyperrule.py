@@ -109,9 +109,8 @@ def hyperrule(examples: int, image_size: int, batch_size: int = BASE_BATCH_SIZE)
 def hyperrule_keys(rule: HyperRule, resolution: bool = True) -> dict[str, Any]:
     """The rule as dotted recipe keys (a step schedule evaluated 5 times).
 
-    BiT trains on random ``crop`` x ``crop`` crops of images resized to ``resize``
-    and tests at ``crop``: here timm's random-resized crop over the matching area
-    range, and the whole image at test (crop_pct 1).
+    BiT trains on random ``crop`` x ``crop`` crops of images squashed to ``resize`` x ``resize``
+    and tests on images squashed to ``crop`` x ``crop`` (``data.crop=bit``, ``data.precrop`` = resize / crop).
     """
     keys: dict[str, Any] = {
         "optim.name": "momentum",
@@ -128,10 +127,10 @@ def hyperrule_keys(rule: HyperRule, resolution: bool = True) -> dict[str, Any]:
     if resolution:
         keys.update(
             {
+                "data.crop": "bit",
+                "data.precrop": round(rule.resize / rule.crop, 4),
                 "data.train_size": rule.crop,
                 "data.test_size": rule.crop,
-                "data.crop_pct": 1.0,
-                "data.scale": [round((rule.crop / rule.resize) ** 2, 4), 1.0],
             }
         )
     return keys

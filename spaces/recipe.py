@@ -146,7 +146,22 @@ class ModelConfig(_Section):
     name: str = Field("resnet50", min_length=1, description="timm model name; detection: mask_rcnn or faster_rcnn")
     norm: Norm = "bn"
     init: str = Field("scratch", min_length=1, description="'scratch', 'pretrained' (= model.pretrained) or a local checkpoint path")
-    pretrained: Optional[str] = Field(None, description="the checkpoint model.init=pretrained loads (lets a space search scratch vs pretrained)")
+    pretrained: Optional[str] = Field(
+        None, description="the checkpoint model.init=pretrained loads (lets a space search scratch vs pretrained); "
+        "or one per backbone norm, {gn: ..., bn: ...}, each trial taking its norm's (bn serves bn, syncbn and frozen_bn)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_of_the_norm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("pretrained"), dict):
+            by_norm = data["pretrained"]
+            norm = data.get("norm", cls.model_fields["norm"].default)
+            family = "gn" if norm == "gn" else "bn"
+            if family not in by_norm:
+                raise ValueError(f"model.pretrained has checkpoints for {', '.join(sorted(by_norm))}, none for model.norm={norm}")
+            data = {**data, "pretrained": by_norm[family]}
+        return data
 
 
 class ClassificationModel(ModelConfig):
@@ -166,6 +181,10 @@ class DetectionModel(ModelConfig):
     roi_batch_size: int = Field(512, ge=16, description="sampled RoIs per image for the box head")
     proposals: int = Field(1000, ge=10, description="RPN proposals kept per image at test (twice at training)")
     detections_per_image: int = Field(100, ge=1, description="most detections kept per image (COCO's maxDets is 100)")
+    freeze_at: int = Field(
+        0, ge=0, le=5, description="detectron2's FREEZE_AT: backbone stages kept frozen (1 the stem, 2 the stem and res2, ... 5 all); "
+        "0 trains every layer (from scratch)",
+    )
 
     @field_validator("anchor_sizes")
     @classmethod
@@ -178,6 +197,8 @@ class DetectionModel(ModelConfig):
     def _gn_groups(self) -> "DetectionModel":
         if self.norm == "gn" and self.fpn_channels % 32:
             raise ValueError(f"model.fpn_channels must be a multiple of 32 with GroupNorm(32), but got {self.fpn_channels}")
+        if self.freeze_at and self.init == "scratch":
+            raise ValueError(f"model.freeze_at={self.freeze_at} would freeze randomly initialized stages: from scratch it is 0")
         return self
 
 
@@ -206,9 +227,19 @@ class DataConfig(_Section):
 class ClassificationData(DataConfig):
     """Resolution and augmentation (timm ``create_transform`` arguments), class splits and shots."""
 
-    crop_pct: float = Field(0.95, gt=0.0, le=1.0, description="test crop ratio")
-    scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
+    crop: Literal["timm", "bit"] = Field(
+        "timm", description="timm: random-resized crop (scale), test resize + center crop (crop_pct); "
+        "bit: BiT's train squash to (train_size x precrop) squared + random train_size crop, test squash to test_size",
+    )
+    precrop: float = Field(
+        1.25, ge=1.0, le=4.0, description="crop=bit: train images are squashed to round(train_size x precrop) square before "
+        "the random crop (BiT: 160/128 = 1.25, 448/384 = 1.1667)",
+    )
+    crop_pct: float = Field(0.95, gt=0.0, le=1.0, description="test crop ratio (crop=timm)")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range (crop=timm)")
     interpolation: Literal["bicubic", "bilinear", "nearest", "random"] = "bicubic"
+    mean: Optional[tuple[float, float, float]] = Field(None, description="input normalization; null: the model's pretrained config (timm)")
+    std: Optional[tuple[float, float, float]] = Field(None, description="input normalization; null: the model's pretrained config (timm)")
     rand_augment: Optional[str] = Field(None, description="timm RandAugment string, e.g. rand-m7-mstd0.5-inc1")
     repeated_aug: int = Field(0, ge=0, le=16, description="repeated augmentation count, 0 = off")
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
@@ -262,8 +293,17 @@ class DetectionData(DataConfig):
 
     name: str = Field("digits-det", min_length=1, description="'digits-det' or a COCO root (annotations/instances_train*.json, train*/, val*/)")
     max_images: Optional[int] = Field(None, ge=1, description="at most this many training images (after fraction)")
+    train_size: Union[Annotated[int, Field(ge=8, le=4096)], Annotated[list[Annotated[int, Field(ge=8, le=4096)]], Field(min_length=1)]] = Field(
+        224, description="train shorter side, or a list of them drawn per image (detectron2's multi-scale training, e.g. [640, 672, 704, 736, 768, 800])",
+    )
     max_size: int = Field(1333, ge=8, le=8192, description="longest image side after resizing")
     scale_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="train shorter side drawn from train_size * [1 - j, 1 + j]")
+
+    @model_validator(mode="after")
+    def _one_way_to_vary_the_size(self) -> "DetectionData":
+        if isinstance(self.train_size, list) and self.scale_jitter:
+            raise ValueError("data.scale_jitter varies a single data.train_size: with a list of train sizes set it to 0")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -534,12 +574,16 @@ def detection_schedule(schedule: StepSchedule) -> tuple[int, list[int]]:
 
 
 # -- dotted keys ---------------------------------------------------------------------------
+# Keys whose value may itself be a mapping (one checkpoint per backbone norm): leaves, not sections.
+MAPPING_KEYS = frozenset({"model.pretrained"})
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> ``{"optim.lr": ...}``."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and dotted not in MAPPING_KEYS:
             flat.update(flatten(value, f"{dotted}."))
         else:
             flat[dotted] = list(value) if isinstance(value, tuple) else value

@@ -136,6 +136,10 @@ BIT_HYPERRULE = {
     "model.drop_path_rate": 0.0,
     "data.name": "imagenet",  # an ImageFolder root: set with --data
     "data.hflip": 0.5,
+    "data.crop": "bit",  # squash to 160 x 160, random 128 crop; test: squash to 128 (the rule's small images)
+    "data.precrop": 1.25,
+    "data.train_size": 128,
+    "data.test_size": 128,
     "data.rand_augment": None,
     "data.repeated_aug": 0,
     "data.interpolation": "bilinear",
@@ -174,10 +178,9 @@ BIT_DIGITS = {
     "data.name": "digits",
     "data.classes": [5, 6, 7, 8, 9],
     "data.shots_per_class": 5,
+    "data.crop": "bit",  # BiT's 128 crops of 160, scaled to 32 of 40
     "data.train_size": 32,
     "data.test_size": 32,
-    "data.crop_pct": 1.0,
-    "data.scale": [0.64, 1.0],  # BiT's 128 crops of 160: (128/160)^2 of the area
     "data.hflip": 0.0,  # a mirrored digit is another symbol
     "optim.batch_size": 16,
     "schedule.hyperrule": "schedule",
@@ -294,7 +297,8 @@ RECIPE_PRESETS: dict[str, tuple[str | None, dict[str, Any], str]] = {
     ),
     "pretrained-maskrcnn-r50-gn-3x": (
         "scratch-maskrcnn-r50-gn-3x",
-        {"model.init": "pretrained"},  # needs --set model.pretrained=PATH (an ImageNet R50-GN checkpoint)
+        # needs --set model.pretrained=PATH (an ImageNet R50-GN checkpoint); the stem and res2 frozen, as detectron2's FREEZE_AT=2
+        {"model.init": "pretrained", "model.freeze_at": 2},
         "as scratch -3x, backbone from an ImageNet-trained ResNet-50-GN (40.8 box AP)",
     ),
     "scratch-maskrcnn-r50-syncbn-3x": ("scratch-maskrcnn-r50-gn-3x", {"model.norm": "syncbn"}, "as -gn-3x with SyncBN in backbone, FPN and heads"),

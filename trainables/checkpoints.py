@@ -25,7 +25,11 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.body.", "backbone.")
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A ResNet state dict from a file: this project's checkpoint, a timm / torchvision file, or a directory holding one."""
+    """A ResNet state dict from a file: this project's checkpoint, a timm / torchvision file, or a directory holding one.
+
+    Of this project's checkpoints, the weights the run delivered: the EMA's when its recipe kept one
+    (the trial was scored and chosen on them), the model's otherwise.
+    """
     file = Path(path)
     if file.is_dir():
         file = file / CHECKPOINT_FILE
@@ -40,6 +44,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
         raise DataError(f"model.init: {path!r} is not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    if isinstance(state, dict) and state.get("delivers") == "ema" and isinstance(state.get("ema"), dict):
+        state = state["ema"]  # this project's checkpoint of an EMA recipe: the weights its metrics were measured on
     for key in ("model", "state_dict"):  # this project's checkpoints; common training scripts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

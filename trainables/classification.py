@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 import timm
 import timm.layers
-from timm.data import Mixup, create_transform
+from timm.data import Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from timm.layers import freeze_batch_norm_2d
+from timm.models import get_pretrained_cfg
 from timm.utils import ModelEmaV3
 
 from spaces import ClassificationRecipe, DataError, RecipeError, TrainingError, validate_recipe
@@ -40,7 +41,7 @@ from trainables.engine import (
     autocast,
     build_optimizer,
     build_step_scheduler,
-    check_finite,
+    DivergenceCheck,
     distributed,
     optimizer_step,
     prepare_process,
@@ -155,9 +156,36 @@ def build_loss(recipe: Recipe, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def build_transforms(recipe: Recipe):
-    """timm train (random resized crop, flip, RandAugment, erasing) and eval (resize + center crop) transforms."""
+def normalization(recipe: Recipe) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std: the recipe's, else the model's pretrained config (timm's; BiT weights expect [-1, 1])."""
     data = recipe.data
+    if data.mean is not None and data.std is not None:
+        return data.mean, data.std
+    pretrained = get_pretrained_cfg(recipe.model.name, allow_unregistered=True)
+    config = resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained is not None else None)
+    return data.mean or config["mean"], data.std or config["std"]
+
+
+def _bit_transforms(recipe: Recipe, mean, std):
+    """BiT's own: train squashed to (train_size x precrop) squared, a random train_size crop, a flip; test squashed to test_size."""
+    from torchvision import transforms as T
+
+    data = recipe.data
+    mode = T.InterpolationMode.BICUBIC if data.interpolation == "random" else T.InterpolationMode(data.interpolation)
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    squash = round(data.train_size * data.precrop)
+    train = T.Compose([T.Resize((squash, squash), mode), T.RandomCrop(data.train_size), T.RandomHorizontalFlip(data.hflip), *finish])
+    evaluation = T.Compose([T.Resize((data.test_size, data.test_size), mode), *finish])
+    return train, evaluation
+
+
+def build_transforms(recipe: Recipe):
+    """Train and eval transforms: timm's (random resized crop, flip, RandAugment, erasing; resize + center
+    crop) or BiT's (``data.crop``), normalized as the recipe or the model's pretrained config says."""
+    data = recipe.data
+    mean, std = normalization(recipe)
+    if data.crop == "bit":
+        return _bit_transforms(recipe, mean, std)
     train = create_transform(
         input_size=data.train_size,
         is_training=True,
@@ -167,12 +195,16 @@ def build_transforms(recipe: Recipe):
         auto_augment=data.rand_augment,
         interpolation=data.interpolation,
         re_prob=data.random_erasing,
+        mean=mean,
+        std=std,
     )
     evaluation = create_transform(
         input_size=data.test_size,
         is_training=False,
         interpolation="bicubic" if data.interpolation == "random" else data.interpolation,
         crop_pct=data.crop_pct,
+        mean=mean,
+        std=std,
     )
     return train, evaluation
 
@@ -345,23 +377,30 @@ def train_epoch(training: Training, data: ClassifierData, recipe: Recipe, sessio
     loss_sum = torch.zeros((), device=device)
     seen = skipped = 0
     updates = first = epoch * len(data.train_loader)
+    divergence = DivergenceCheck(device, session.world_size)
+
+    def where(update: int) -> str:
+        return f"epoch {epoch + 1}, update {update} of the epoch (optim.name={recipe.optim.name}, optim.lr={recipe.optim.lr:g})"
+
     for step, (images, targets, batch_skipped) in enumerate(data.train_loader):
         skipped += batch_skipped
-        if images is None:
-            continue
-        images, targets = _batch(images, targets, training, recipe, device)
-        with autocast(recipe, device):
-            loss = training.loss_fn(state.model(images), targets)
-        check_finite(loss, session.world_size, lambda: f"epoch {epoch + 1}, step {step + 1} (optim.name={recipe.optim.name}, optim.lr={recipe.optim.lr:g})")
-        optimizer_step(loss, state.model, state.optimizer, recipe.optim.grad_clip)
-        updates += 1
-        state.scheduler.step_update(num_updates=updates)
-        if state.ema is not None:
-            state.ema.update(unwrap(state.model), step=updates)
-        loss_sum += loss.detach()
-        seen += images.shape[0]
+        if images is not None:
+            images, targets = _batch(images, targets, training, recipe, device)
+            with autocast(recipe, device):
+                loss = training.loss_fn(state.model(images), targets)
+            divergence.record(loss)
+            optimizer_step(loss, state.model, state.optimizer, recipe.optim.grad_clip)
+            updates += 1
+            state.scheduler.step_update(num_updates=updates)
+            if state.ema is not None:
+                state.ema.update(unwrap(state.model), step=updates)
+            loss_sum += loss.detach()
+            seen += images.shape[0]
+        if divergence.due(step):
+            divergence.check(where)
         if data.total_updates is not None and updates >= data.total_updates:
             break
+    divergence.check(where)
     state.scheduler.step(epoch + 1)
     return EpochStats(loss_sum.item() / max(updates - first, 1), seen, skipped, updates)
 

@@ -15,13 +15,14 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
+from timm.layers import freeze_batch_norm_2d
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -41,7 +42,7 @@ from trainables.engine import (
     autocast,
     build_optimizer,
     build_step_scheduler,
-    check_finite,
+    DivergenceCheck,
     optimizer_step,
     prepare_process,
     report_period,
@@ -77,8 +78,10 @@ def _norm_layer(norm: str):
 
 
 def train_sizes(recipe: Recipe) -> tuple[int, ...]:
-    """Shorter sides drawn at training: ``train_size``, or five sizes over the scale-jitter range."""
+    """Shorter sides drawn per image at training: ``train_size`` (one, or the list), or five sizes over the scale-jitter range."""
     data = recipe.data
+    if isinstance(data.train_size, list):
+        return tuple(sorted(set(data.train_size)))
     if not data.scale_jitter:
         return (data.train_size,)
     low, high = data.train_size * (1 - data.scale_jitter), data.train_size * (1 + data.scale_jitter)
@@ -93,6 +96,19 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
         logger.warning("model.init %s: %d backbone tensors not in the checkpoint keep their initialization (e.g. %s)", path, len(missing), missing[0])
 
 
+_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))  # detectron2's stem, res2 .. res5
+
+
+def freeze_stages(backbone: nn.Module, freeze_at: int) -> None:
+    """detectron2's FREEZE_AT on a torchvision ResNet: the first ``freeze_at`` stages keep their weights (no
+    gradients), and their BatchNorm layers their statistics (frozen BN, as detectron2 freezes them)."""
+    for stage in _STAGES[:freeze_at]:
+        for name in stage:
+            module = getattr(backbone, name)
+            module.requires_grad_(False)
+            setattr(backbone, name, freeze_batch_norm_2d(module))
+
+
 def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
     """Mask or Faster R-CNN, ResNet + FPN, normalized as the recipe says. ``num_classes`` includes background."""
     cfg = recipe.model
@@ -102,6 +118,7 @@ def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
     checkpoint = init_checkpoint(cfg)
     if checkpoint is not None:
         load_backbone_weights(backbone, checkpoint)
+    freeze_stages(backbone, cfg.freeze_at)
     stage2 = backbone.inplanes // 8
     width = cfg.fpn_channels
     body = BackboneWithFPN(backbone, _RETURN_LAYERS, [stage2 * 2**i for i in range(4)], width, norm_layer=head_norm)
@@ -208,10 +225,21 @@ def evaluate_detector(model: nn.Module, val: CocoDetection, recipe: Recipe, sess
     return metrics[0]
 
 
-def _epoch_order(sampler: DistributedSampler, epoch: int, skip: int) -> list[int]:
-    """This worker's image order for a pass over the data, minus the first ``skip`` images (resume)."""
-    sampler.set_epoch(epoch)
-    return list(sampler)[skip:]
+class _PassOrder(torch.utils.data.Sampler):
+    """This worker's image order for pass ``epoch`` over the data (a seeded DistributedSampler's); the first
+    pass after a resume starts ``skip`` images in."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        order = list(self.sampler)[self.skip :]
+        self.skip = 0
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
 
 
 @dataclass
@@ -222,7 +250,8 @@ class PeriodStats:
 
 
 class _Batches:
-    """The training batches of this worker from any iteration on: passes of a seeded sampler, resumable mid-pass."""
+    """The training batches of this worker from any iteration on: passes of a seeded sampler, resumable mid-pass,
+    through one DataLoader whose worker processes live across evaluation periods."""
 
     def __init__(self, recipe: Recipe, data: DetectionData, session: Session) -> None:
         self.per_worker = recipe.optim.batch_size // session.world_size
@@ -230,47 +259,60 @@ class _Batches:
             raise RecipeError(
                 f"optim.batch_size {recipe.optim.batch_size} exceeds the {len(data.train)} training images of {recipe.data.name!r}"
             )
-        self.sampler = DistributedSampler(
+        sampler = DistributedSampler(
             data.train, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=recipe.runtime.seed, drop_last=True
         )
-        self.per_pass = len(self.sampler) // self.per_worker
-        self.dataset = data.train
-        self.workers = 0 if recipe.data.name == "digits-det" else max(0, int(recipe.runtime.cpus_per_worker) - 1)
-
-    def starting_at(self, iteration: int):
-        """Batches from ``iteration`` to the end of its pass over the data."""
-        epoch, position = divmod(iteration, self.per_pass)
-        order = _epoch_order(self.sampler, epoch, position * self.per_worker)
-        return DataLoader(
-            self.dataset, batch_size=self.per_worker, sampler=order, drop_last=True,
-            collate_fn=collate_detection, num_workers=self.workers,
+        self.per_pass = len(sampler) // self.per_worker
+        self.order = _PassOrder(sampler)
+        workers = 0 if recipe.data.name == "digits-det" else max(0, int(recipe.runtime.cpus_per_worker) - 1)
+        self.loader = DataLoader(
+            data.train, batch_size=self.per_worker, sampler=self.order, drop_last=True, collate_fn=collate_detection,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=session.device.type == "cuda",
+            # Its own seeds for the loader processes: starting a pass (a resume starts one mid-way) does not
+            # draw from the global RNG, whose streams the checkpoint holds for the model's own sampling.
+            generator=torch.Generator().manual_seed(recipe.runtime.seed + session.rank),
         )
 
+    def starting_at(self, iteration: int) -> Iterator[tuple[list, list]]:
+        """Batches from ``iteration`` on, pass after pass."""
+        epoch, position = divmod(iteration, self.per_pass)
+        self.order.skip = position * self.per_worker
+        while True:
+            self.order.epoch = epoch
+            yield from self.loader
+            epoch += 1
 
-def train_period(state: TrainState, batches: _Batches, recipe: Recipe, session: Session, iteration: int, end: int) -> tuple[int, PeriodStats]:
-    """Train from ``iteration`` to ``end``; the iteration reached and the period's mean losses."""
+
+def train_period(state: TrainState, batches: Iterator, recipe: Recipe, session: Session, iteration: int, end: int) -> tuple[int, PeriodStats]:
+    """Train from ``iteration`` to ``end`` on the next batches; the iteration reached and the period's mean losses."""
     device, model = session.device, state.model
     model.train()
     started = time.perf_counter()
     sums: dict[str, torch.Tensor] = {}
     seen, first = 0, iteration
+    divergence = DivergenceCheck(device, session.world_size)
+
+    def where(update: int) -> str:
+        return f"iteration {first + update} (optim.lr={recipe.optim.lr:g}, model.norm={recipe.model.norm}, model.init={recipe.model.init})"
+
     while iteration < end:
-        for images, targets in batches.starting_at(iteration):
-            images = [image.to(device, non_blocking=True) for image in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with autocast(recipe, device):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            check_finite(loss, session.world_size, lambda: f"iteration {iteration + 1} (optim.lr={recipe.optim.lr:g}, model.norm={recipe.model.norm}, model.init={recipe.model.init})")
-            optimizer_step(loss, model, state.optimizer, recipe.optim.grad_clip)
-            iteration += 1
-            state.scheduler.step_update(num_updates=iteration)
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
-            seen += len(images)
-            if iteration >= end:
-                break
+        images, targets = next(batches)
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        with autocast(recipe, device):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        divergence.record(loss)
+        optimizer_step(loss, model, state.optimizer, recipe.optim.grad_clip)
+        iteration += 1
+        state.scheduler.step_update(num_updates=iteration)
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+        seen += len(images)
+        if divergence.due(iteration - first - 1):
+            divergence.check(where)
+    divergence.check(where)
     done = max(iteration - first, 1)
     return iteration, PeriodStats({f"train/{name}": float(total) / done for name, total in sums.items()}, seen, time.perf_counter() - started)
 
@@ -287,11 +329,12 @@ def train_detector(recipe: Recipe | dict[str, Any], session: Session) -> TrialRe
     iterations, period = step_schedule(recipe)[0], recipe.schedule.eval_period
     iteration = restore(state, session, Unit.ITERATION)
     state.scheduler.step_update(num_updates=iteration)
+    stream = batches.starting_at(iteration)
     system = SystemSampler(session.device)
     report = None
     while iteration < iterations:
         end = min(iterations, (iteration // period + 1) * period)
-        iteration, stats = train_period(state, batches, recipe, session, iteration, end)
+        iteration, stats = train_period(state, stream, recipe, session, iteration, end)
         metrics = {
             **stats.losses,
             "lr": optimizer.param_groups[0]["lr"],

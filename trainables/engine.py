@@ -32,7 +32,8 @@ __all__ = [
     "autocast",
     "build_optimizer",
     "build_step_scheduler",
-    "check_finite",
+    "CHECK_EVERY",
+    "DivergenceCheck",
     "distributed",
     "load_checkpoint",
     "optimizer_step",
@@ -101,13 +102,42 @@ def build_step_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> Mu
     )
 
 
-def check_finite(loss: torch.Tensor, world_size: int, where: Callable[[], str]) -> None:
-    """Raise ``TrainingError`` on every worker at the same step when the loss is NaN or infinite on any."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if world_size > 1:
-        dist.all_reduce(bad)  # one float beside the gradient all-reduce; a lone stop would hang the others
-    if bad.item():
-        raise TrainingError(f"loss became non-finite at {where()}: the recipe diverged")
+CHECK_EVERY = 20  # training steps between checks of the loss: one host sync (one all-reduce under DDP) each
+
+
+class DivergenceCheck:
+    """Whether the loss stayed finite, checked without making each training step wait for the device.
+
+    ``record`` keeps on the device the first update whose loss was NaN or infinite (no host sync);
+    ``due`` says when to ``check``: every ``CHECK_EVERY`` steps of the loader and at the end of a period,
+    the same steps on every rank. ``check`` is one host sync (and under DDP one all-reduce of one number,
+    so every rank stops at the same step) and raises ``TrainingError`` naming the update. A diverged
+    recipe trains at most ``CHECK_EVERY`` steps more before it stops.
+    """
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.world_size = world_size
+        self.updates = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def record(self, loss: torch.Tensor) -> None:
+        self.updates += 1
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.updates, self.first_bad)
+
+    @staticmethod
+    def due(step: int) -> bool:
+        return (step + 1) % CHECK_EVERY == 0
+
+    def check(self, where: Callable[[int], str]) -> None:
+        """``where(k)`` describes the k-th update (from 1) recorded by this check's owner."""
+        bad = (self.first_bad >= 0).float().reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(bad)  # a lone stop would leave the other ranks waiting in the gradient all-reduce
+        if bad.item():
+            first = int(self.first_bad.item())
+            place = where(first) if first > 0 else "another worker's step"
+            raise TrainingError(f"loss became non-finite at {place}: the recipe diverged")
 
 
 def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: Optional[float]) -> None:
@@ -131,19 +161,38 @@ class TrainState:
 
 
 def _rng_state(sampler: Any) -> dict[str, Any]:
-    """Every random stream the loop draws from, as tensors and plain data (weights_only-loadable)."""
+    """Every random stream this process's loop draws from, as tensors and plain data (weights_only-loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     generator = getattr(sampler, "generator", None)
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "sampler": generator.get_state() if generator is not None else None,
     }
 
 
-def _set_rng_state(state: dict[str, Any], sampler: Any) -> None:
+def _rng_states(sampler: Any) -> list[dict[str, Any]]:
+    """Every rank's random streams, in rank order (a collective under DDP: every rank calls it)."""
+    mine = _rng_state(sampler)
+    if not distributed():
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _set_rng_state(saved: list[dict[str, Any]] | dict[str, Any], sampler: Any, rank: int) -> None:
+    """This rank's streams as saved; a rank the checkpoint has no streams for keeps its seeded ones."""
+    if isinstance(saved, dict):  # written before checkpoints held every rank's streams: rank 0's
+        saved = [saved]
+    if rank >= len(saved):
+        return
+    state = saved[rank]
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -153,8 +202,8 @@ def _set_rng_state(state: dict[str, Any], sampler: Any) -> None:
         generator.set_state(state["sampler"])
 
 
-def save_checkpoint(state: TrainState, recipe: Recipe, position: int, unit: Unit, directory: str) -> None:
-    """Model, optimizer, scheduler, EMA, the loop's position (``epoch`` or ``iteration``), recipe and RNG streams.
+def save_checkpoint(state: TrainState, recipe: Recipe, position: int, unit: Unit, directory: str, rng: list[dict[str, Any]]) -> None:
+    """Model, optimizer, scheduler, EMA, the loop's position (``epoch`` or ``iteration``), recipe and every rank's RNG streams.
 
     ``delivers`` names the weights the trial's metrics (``val/*``) were measured on: ``ema`` when
     the recipe keeps an EMA (``model`` holds the raw weights then), else ``model``.
@@ -168,7 +217,7 @@ def save_checkpoint(state: TrainState, recipe: Recipe, position: int, unit: Unit
             "delivers": "ema" if state.ema is not None else "model",
             unit.value: position,
             "recipe": recipe.model_dump(mode="json"),
-            "rng": _rng_state(state.sampler),
+            "rng": rng,
         },
         os.path.join(directory, CHECKPOINT_FILE),
     )
@@ -191,15 +240,16 @@ def restore(state: TrainState, session: Session, unit: Unit) -> int:
     if state.ema is not None and ckpt.get("ema") is not None:
         state.ema.load_state_dict(ckpt["ema"])
     if ckpt.get("rng") is not None:
-        _set_rng_state(ckpt["rng"], state.sampler)
+        _set_rng_state(ckpt["rng"], state.sampler, session.rank)
     return int(ckpt[unit.value])
 
 
 def report_period(session: Session, report: TrialReport, state: TrainState, recipe: Recipe, position: int, unit: Unit) -> None:
-    """Report a period; rank 0 of a session that keeps checkpoints attaches one."""
+    """Report a period; rank 0 of a session that keeps checkpoints attaches one, with every rank's RNG streams."""
+    rng = _rng_states(state.sampler) if session.keeps_checkpoints else None
     if session.keeps_checkpoints and session.rank == 0:
         with tempfile.TemporaryDirectory(prefix="recipe-search-ckpt-") as directory:
-            save_checkpoint(state, recipe, position, unit, directory)
+            save_checkpoint(state, recipe, position, unit, directory, rng)
             session.report(report, directory)
     else:
         session.report(report, None)

@@ -128,7 +128,7 @@ def test_hyperrule_as_recipe_keys():
     assert keys["schedule.warmup_iters"] == 500 and keys["schedule.eval_period"] == 2000
     assert keys["optim.lr"] == pytest.approx(0.00075) and keys["optim.weight_decay"] == 0.0 and keys["optim.momentum"] == 0.9
     assert keys["reg.mixup_alpha"] == 0.1
-    assert (keys["data.train_size"], keys["data.test_size"], keys["data.scale"]) == (384, 384, [0.7347, 1.0])
+    assert (keys["data.crop"], keys["data.precrop"], keys["data.train_size"], keys["data.test_size"]) == ("bit", 1.1667, 384, 384)
     assert "data.train_size" not in hyperrule_keys(hyperrule(100, 8), resolution=False)
     resolve_recipe("bit-hyperrule", keys)  # a valid recipe
 

@@ -101,11 +101,15 @@ def test_a_param_that_does_not_apply_fails_unless_its_condition_is_searched():
     parse_space({"name": "s", "recipe": "rsb-digits", "params": conditioned}, "test").check()
 
 
+# bit-digits has since taken BiT's own crop: an old file keeps the timm crop it names.
+_CHANGED_SINCE = {"bit-digits": {"data.crop": "timm", "data.crop_pct": 1.0, "data.scale": [0.64, 1.0]}}
+
+
 @pytest.mark.parametrize("name", ["rsb-digits", "scratch-det-digits", "bit-digits"])
 def test_recipe_files_of_the_one_schema_version_still_load(name):
     old = yaml.safe_load((LEGACY / f"{name}.yaml").read_text())
     assert "model.anchor_sizes" in flatten(old) and "reg.mixup_alpha" in flatten(old)  # every task's keys
-    assert resolve_recipe(str(LEGACY / f"{name}.yaml")) == resolve_recipe(name)
+    assert resolve_recipe(str(LEGACY / f"{name}.yaml")) == resolve_recipe(name, _CHANGED_SINCE.get(name, {}))
 
 
 def test_an_old_file_with_another_tasks_key_changed_fails_naming_it(tmp_path):

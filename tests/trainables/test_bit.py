@@ -179,3 +179,37 @@ def test_load_bit_npz_rejects_a_checkpoint_of_another_architecture(tmp_path):
 def test_load_bit_npz_needs_a_resnetv2(tmp_path):
     with pytest.raises(RecipeError, match="ResNetV2"):
         load_bit_npz(timm.create_model("test_resnet"), tmp_path / "x.npz")
+
+
+def test_bit_inputs_are_in_minus_one_to_one_and_resnet_inputs_are_imagenet_normalized():
+    """Mean and std follow the model's pretrained config when the recipe sets none (BiT weights expect [-1, 1])."""
+    from spaces import resolve_recipe
+    from trainables.classification import normalization
+
+    assert normalization(resolve_recipe("bit-hyperrule", {})) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert normalization(resolve_recipe("rsb-a3", {})) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert normalization(resolve_recipe("bit-hyperrule", {"data.mean": [0.1, 0.2, 0.3], "data.std": [1, 1, 1]})) == ((0.1, 0.2, 0.3), (1, 1, 1))
+
+
+def test_bit_crop_squashes_a_non_square_image_then_crops_and_tests_on_the_whole_squashed_image():
+    from PIL import Image
+    from torchvision.transforms import functional as F
+
+    from spaces import resolve_recipe
+    from trainables.classification import build_transforms
+
+    recipe = resolve_recipe("bit-hyperrule", {"data.precrop": 1.25, "data.train_size": 32, "data.test_size": 32})
+    image = Image.new("RGB", (90, 30), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 15, 30))  # a white band along the left edge: a center crop cuts it off
+    train, evaluation = build_transforms(recipe)
+    tested = evaluation(image)
+    assert tested.shape == (3, 32, 32)
+    # Squashed whole to 32 x 32 (no center crop: the band stays), in [-1, 1].
+    expected = F.normalize(F.to_tensor(F.resize(image, [32, 32], F.InterpolationMode.BILINEAR)), [0.5] * 3, [0.5] * 3)
+    assert torch.allclose(tested, expected) and tested.max() == 1.0 and tested.min() == -1.0
+    torch.manual_seed(0)
+    crops = [train(image) for _ in range(8)]
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    # Random 32 crops of the 40 x 40 squash: they move (unlike a center crop), and each keeps 32/40 of the width.
+    assert len({tuple(c[0, 16].tolist()) for c in crops}) > 1
+

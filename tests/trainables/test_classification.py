@@ -53,6 +53,20 @@ def test_ema_weights_are_scored_and_the_raw_model_kept():
     assert "val_model/top1" in last and "val/top1" in last
 
 
+def test_a_run_of_an_ema_recipe_hands_on_its_ema_weights():
+    """``model.init=run:NAME`` and an upstream backbone read a run's checkpoint: they get the weights
+    the run was scored and chosen on (its EMA), not the raw ones it also keeps for resuming."""
+    from trainables.checkpoints import read_state_dict
+
+    session = _train(epochs=2, keep=True, **{"reg.ema_decay": 0.9})
+    ckpt = load_checkpoint(session.checkpoints[-1])
+    weights = read_state_dict(session.checkpoints[-1])
+    key = "fc.weight"
+    assert weights[key].equal(ckpt["ema"][f"module.{key}"]) and not weights[key].equal(ckpt["model"][key])
+    plain = _train(epochs=1, keep=True)
+    assert read_state_dict(plain.checkpoints[-1])[key].equal(load_checkpoint(plain.checkpoints[-1])["model"][key])
+
+
 def test_bce_trains():
     session = _train(epochs=1, **{"loss.name": "bce", "loss.target_threshold": 0.2})
     assert session.reports[-1].metrics["train/loss"] > 0
@@ -94,9 +108,48 @@ def test_ema_warmup_keeps_early_ema_weights_close_to_the_raw_ones(warmup):
         assert ema < 0.5 * raw  # measured: 0.12 against 0.79 (chance is 0.10)
 
 
-def test_a_diverging_recipe_stops_at_once():
-    with pytest.raises(TrainingError, match="diverged"):
-        _train(epochs=3, **{"optim.lr": 100.0, "optim.name": "momentum", "optim.weight_decay": 0.0})
+def test_a_diverging_recipe_stops_within_one_check_period():
+    from trainables.engine import CHECK_EVERY
+
+    with pytest.raises(TrainingError, match=r"epoch 1, update (\d+) of the epoch .*diverged") as error:
+        _train(epochs=3, **{"optim.lr": 100.0, "optim.name": "momentum", "optim.weight_decay": 0.0, "optim.batch_size": 16})
+    assert int(error.value.args[0].split("update ")[1].split()[0]) <= CHECK_EVERY
+
+
+# Tensor methods that make the host wait for the device (on a GPU: a stall of the step's pipeline).
+_HOST_READS = {"item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"}
+
+
+def test_the_training_step_does_not_wait_for_the_device(monkeypatch):
+    """The loss is checked for divergence once every CHECK_EVERY steps (and at the end of the epoch),
+    not after each step: a run of many steps reads a tensor on the host a handful of times."""
+    from torch.overrides import TorchFunctionMode
+
+    from trainables import classification
+    from trainables.engine import CHECK_EVERY
+
+    reads, steps = [], []
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in _HOST_READS:
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    train_epoch = classification.train_epoch
+
+    def watched(training, data, *args):
+        # The batches are made first: the data pipeline reads CPU tensors (in loader processes on a real run).
+        data.train_loader = list(data.train_loader)
+        steps.append(len(data.train_loader))
+        with HostReads():
+            return train_epoch(training, data, *args)
+
+    monkeypatch.setattr(classification, "train_epoch", watched)
+    _train(epochs=1, **{"optim.batch_size": 8})
+    assert steps[0] > 3 * CHECK_EVERY  # enough steps that a read per step would show
+    # One read per check (every CHECK_EVERY steps and at the end) and the epoch's mean loss.
+    assert reads == ["item"] * (steps[0] // CHECK_EVERY + 2), reads
 
 
 def test_batch_larger_than_the_data_is_an_error():
@@ -145,3 +198,57 @@ def test_a_dataset_file_outside_the_root_is_refused(tmp_path):
     (root / "train" / "a" / "0.png").symlink_to(outside)
     with pytest.raises(DataError, match="outside the dataset root"):
         _train(epochs=1, **{"data.name": str(root), "data.fraction": 1.0, "optim.batch_size": 4})
+
+
+def test_a_reused_process_builds_the_same_datasets_without_decoding_or_walking_the_folder_again(tmp_path, monkeypatch):
+    from torchvision.datasets import DatasetFolder
+
+    from spaces import resolve_recipe
+    from trainables import data as data_module
+    from trainables.classification import build_transforms
+
+    def build(recipe):
+        train_tf, eval_tf = build_transforms(recipe)
+        return data_module.build_datasets(recipe.data, recipe.runtime.seed, train_tf, eval_tf)
+
+    digits = resolve_recipe("digits-smoke", {})
+    first, second = build(digits), build(digits)
+    assert first.train.dataset.images[0] is second.train.dataset.images[0]  # decoded once
+    assert first.train_targets == second.train_targets and len(first.val) == len(second.val)
+
+    root = _image_folder(tmp_path / "data", per_class=6)
+    folder = resolve_recipe("digits-smoke", {"data.name": str(root), "data.fraction": 1.0})
+    before = build(folder)
+    walks = []
+    monkeypatch.setattr(DatasetFolder, "make_dataset", staticmethod(lambda *a, **k: walks.append(a) or []))
+    after = build(folder)  # the next trial of a reused actor
+    assert walks == [] and after.train.samples == before.train.samples and len(after.val) == 12
+
+
+def _train_and_resume_on_two_ranks() -> dict:
+    """Rank's view: 2 epochs uninterrupted, then the same recipe resumed from the first epoch's checkpoint."""
+    import torch.distributed as dist
+
+    from tests.trainables.ddp import DDPSession
+
+    recipe = resolve_recipe("digits-smoke", {"schedule.epochs": 2, "runtime.workers": 2})
+    whole = DDPSession()
+    train_classifier(recipe, whole)
+    first = [whole.checkpoints[0] if whole.checkpoints else None]
+    dist.broadcast_object_list(first, src=0)  # rank 0 keeps the checkpoints
+    resumed = DDPSession(resume_from=first[0])
+    train_classifier(recipe, resumed)
+    keys = ("train/loss", "val/top1", "val/loss")
+    return {"whole": [whole.reports[-1].metrics[k] for k in keys], "resumed": [resumed.reports[-1].metrics[k] for k in keys],
+            "resumed_reports": len(resumed.reports)}
+
+
+def test_a_two_worker_ddp_trial_resumes_each_rank_with_its_own_random_streams(tmp_path):
+    """Each rank augments with its own RNG: a checkpoint holding only rank 0's streams resumed rank 1 with
+    rank 0's augmentations, and the resumed trial's numbers drifted from the uninterrupted one's."""
+    from tests.trainables.ddp import run_ranks
+
+    ranks = run_ranks(_train_and_resume_on_two_ranks, tmp_path)
+    for rank in ranks:
+        assert rank["resumed_reports"] == 1  # it went on from epoch 1: one epoch left
+        assert rank["resumed"] == rank["whole"]

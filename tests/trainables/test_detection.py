@@ -104,6 +104,43 @@ def test_scale_jitter_draws_train_sizes_around_train_size():
     assert train_sizes(_recipe(**{"data.scale_jitter": 0.25})) == (48, 56, 64, 72, 80)
 
 
+def test_a_list_of_train_sizes_is_drawn_per_image_as_detectron2_does():
+    from spaces import RecipeError
+
+    recipe = _recipe(**{"data.train_size": [48, 56, 64], "data.max_size": 200})
+    assert train_sizes(recipe) == (48, 56, 64)
+    model = build_detector(recipe, num_classes=11)
+    model.train()
+    torch.manual_seed(0)
+    image = torch.rand(3, 32, 48)
+    shorter = {min(model.transform([image])[0].image_sizes[0]) for _ in range(30)}  # torchvision draws one per image
+    assert shorter == {48, 56, 64}
+    with pytest.raises(RecipeError, match="with a list of train sizes set it to 0"):
+        _recipe(**{"data.train_size": [48, 64], "data.scale_jitter": 0.1})
+    # The paper presets keep Detectron's single 800, which produced the paper's numbers.
+    assert resolve_recipe("scratch-maskrcnn-r50-gn-3x").data.train_size == 800
+
+
+def test_freeze_at_2_freezes_the_stem_and_res2_of_a_pretrained_backbone(tmp_path):
+    from spaces import RecipeError
+
+    classifier = timm.create_model("resnet18", num_classes=10)
+    torch.save({"model": classifier.state_dict()}, tmp_path / "checkpoint.pt")
+    recipe = _recipe(**{"model.init": "pretrained", "model.pretrained": str(tmp_path), "model.norm": "bn", "model.freeze_at": 2})
+    body = build_detector(recipe, num_classes=11).backbone.body
+    frozen = {name.split(".")[0] for name, p in body.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1", "layer1"}  # bn1 and layer1's BNs became frozen BN: no parameters left to train
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and not any(isinstance(m, nn.BatchNorm2d) for m in body.layer1.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in body.layer2.modules())
+    assert torch.equal(body.bn1.running_mean, classifier.bn1.running_mean)  # its pretrained statistics, kept
+    # Detectron and detectron2: pretrained presets freeze 2, scratch ones 0; freezing random weights is refused.
+    assert resolve_recipe("pretrained-maskrcnn-r50-gn-3x").model.freeze_at == 2
+    assert resolve_recipe("scratch-maskrcnn-r50-gn-3x").model.freeze_at == 0
+    with pytest.raises(RecipeError, match="would freeze randomly initialized stages"):
+        _recipe(**{"model.freeze_at": 2})
+
+
 def test_training_reports_coco_ap_every_eval_period_and_resumes_exactly(tiny_coco):
     recipe = _recipe(**{"data.name": tiny_coco})
     full = LocalSession(keep_checkpoints=True)
@@ -129,3 +166,21 @@ def test_less_data_subset_and_faster_rcnn(tiny_coco):
     train_detector(_recipe(**{"data.name": tiny_coco, "model.name": "faster_rcnn", "data.max_images": 4, "schedule.iterations": 2, "schedule.steps": [1], "schedule.warmup_iters": 0}), session)
     assert [r.progress.done for r in session.reports] == [2]
     assert not any(k.startswith("val/segm") for k in session.reports[0].metrics)
+
+
+def test_one_training_loader_with_living_workers_serves_every_eval_period(tiny_coco, monkeypatch):
+    from trainables import detection
+
+    made = []
+
+    class Loader(detection.DataLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(detection, "DataLoader", Loader)
+    session = LocalSession()
+    train_detector(_recipe(**{"data.name": tiny_coco, "runtime.cpus_per_worker": 2}), session)  # one loader worker process
+    assert [r.progress.done for r in session.reports] == [2, 4]  # two periods, an evaluation between them
+    training = [loader for loader in made if loader.drop_last]
+    assert len(training) == 1 and training[0].num_workers == 1 and training[0].persistent_workers
