@@ -138,7 +138,6 @@ def sweep_trainable(plan: SweepPlan):
             base=plan.base,
             overrides=plan.overrides,
             train_storage=plan.storage.tune_args(plan.name, "train"),
-            max_failures=spec.max_failures,
             metric=plan.space.metric,
             launcher=spec.launcher,
         ),
@@ -193,8 +192,8 @@ def build_tuner(plan: SweepPlan, callbacks: list, restore: bool = False):
         verbose=0,
         log_to_file=True,
         checkpoint_config=CheckpointConfig(num_to_keep=1),
-        # Under Ray Train, the TorchTrainer restarts its own workers; the trial itself is light.
-        failure_config=FailureConfig(max_failures=0 if uses_ray_train(plan.recipe, spec.launcher) else spec.max_failures),
+        # A crashed trial is retried; under Ray Train its TorchTrainer run goes on from its latest checkpoint.
+        failure_config=FailureConfig(max_failures=spec.max_failures),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
@@ -522,7 +521,7 @@ def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: s
     trainable = tune.with_resources(
         tune.with_parameters(
             run_confirmation_trial, recipes=recipes, train_storage=plan.storage.tune_args(*_experiment_parts(plan, directory), "train"),
-            max_failures=spec.max_failures, metric=plan.space.metric, launcher=spec.launcher,
+            metric=plan.space.metric, launcher=spec.launcher,
         ),
         ConfirmationResources(recipes, spec.launcher),
     )
@@ -547,7 +546,7 @@ def _replicate_tuner(plan: SweepPlan, replicates: ConfirmationPlan, directory: s
             name=os.path.basename(directory), **plan.storage.tune_args(*_experiment_parts(plan, directory)[:-1]), callbacks=callbacks,
             verbose=0, log_to_file=True,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0 if ray_train else spec.max_failures),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
         ),
     )
 

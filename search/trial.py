@@ -33,20 +33,19 @@ def trial_resources(recipe: Recipe, launcher: str = "auto") -> dict[str, float]:
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    import ray.train
-
     from trainables import TrainSession, train_recipe
 
-    try:
-        train_recipe(config["recipe"], TrainSession())
-    except RecipeSearchError as err:
-        # Every worker raises at the same step (divergence is checked collectively); reporting
-        # instead of raising keeps Ray Train from restarting a recipe that fails the same way.
-        ray.train.report(TrialReport.failure(config["metric"], err).to_result())
+    # An error raises out of the worker, also a recipe's: ray.train.report is a barrier of all workers,
+    # so a rank that reported its error would wait there for ranks that wait for it in the gradient
+    # all-reduce. Raised, it makes Ray Train stop every worker of the group within seconds.
+    train_recipe(config["recipe"], TrainSession())
 
 
-def _fit_with_ray_train(recipe: Recipe, storage: dict[str, Any], run_name: str, max_failures: int, metric: str) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _fit_with_ray_train(recipe: Recipe, storage: dict[str, Any], run_name: str, metric: str) -> None:
+    """Ray Train does not retry (a recipe's error would fail the same way again): the Tune trial does,
+    for crashes, and a retried trial's run of the same name goes on from its latest checkpoint.
+    A worker's recipe error comes back as that error, naming the worker's rank."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -66,10 +65,16 @@ def _fit_with_ray_train(recipe: Recipe, storage: dict[str, Any], run_name: str, 
             callbacks=[TuneReportCallback()],
             # Same name and storage on a retry or resume: Ray Train restores the run's latest checkpoint.
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except WorkerGroupError as err:
+        for rank, failure in sorted(err.worker_failures.items()):
+            if isinstance(failure, RecipeSearchError):
+                raise type(failure)(f"{failure} (worker {rank} of {recipe.runtime.workers})") from None
+        raise
 
 
 def run_trial(
@@ -78,7 +83,6 @@ def run_trial(
     base: dict[str, Any],
     overrides: dict[str, Any],
     train_storage: dict[str, Any],
-    max_failures: int,
     metric: str,
     launcher: str = "auto",
 ) -> None:
@@ -96,7 +100,7 @@ def run_trial(
         recipe = resolve_recipe(base, config, overrides)
         if uses_ray_train(recipe, launcher):
             trial_id = tune.get_context().get_trial_id()
-            _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", max_failures, metric)
+            _fit_with_ray_train(recipe, train_storage, f"train-{trial_id}", metric)
         else:
             from trainables import TuneSession, train_recipe
 

@@ -109,3 +109,42 @@ def test_a_space_without_a_metric_optimizes_its_tasks_own(workdir):
     assert detection.space.metric == "val/bbox_AP"
     classification = plan_sweep(SweepSpec(space=Space(name="train-cls", recipe="digits-smoke"), searcher=None, trials=1, storage=str(workdir / "runs")))
     assert classification.space.metric == "val/top1"
+
+
+def test_a_det_sweep_gets_an_upstream_backbone_per_norm_and_each_trial_loads_its_own(workdir, monkeypatch):
+    """Space det samples model.norm in {gn, bn}: a BN trial loading the GN upstream got GN affine weights and
+    default running statistics. Each backbone norm now has its upstream run (here stood in for: the runs
+    themselves are the upstream sweep's, tested above), and each trial's recipe names its own."""
+    from search import upstream
+
+    trained = []
+    monkeypatch.setattr(upstream, "upstream_checkpoint", lambda recipe, norm, *args: trained.append(norm) or f"/upstream-{norm}")
+    monkeypatch.setattr(upstream, "run_sweep", lambda plan, out=None, resume=False: plan)
+    plan = upstream.run_with_upstream(plan_sweep(SweepSpec(space=load_space("det"), trials=2, storage=str(workdir / "runs"))))
+    assert trained == ["bn", "gn"]
+    for norm, checkpoint in (("gn", "/upstream-gn"), ("bn", "/upstream-bn"), ("frozen_bn", "/upstream-bn")):
+        recipe = resolve_recipe(plan.base, {"model.norm": norm, "model.init": "pretrained"}, plan.overrides)
+        assert recipe.model.pretrained == checkpoint
+    with pytest.raises(Exception, match="none for model.norm=bn"):
+        resolve_recipe("scratch-det-digits", {"model.norm": "bn", "model.pretrained": {"gn": "/upstream-gn"}})
+
+
+@pytest.mark.slow
+def test_an_error_on_one_ddp_worker_ends_the_trial_on_both_with_its_message(ray_session, workdir):
+    """Two Ray Train workers; one training image cannot be decoded, and only one worker's shard holds it.
+    That worker raised and the other waited in the gradient all-reduce (before: the failing worker reported
+    and stopped, and ray.train.report is a barrier: both waited forever)."""
+    from trainables.coco import coco_layout, write_digits_det
+
+    root = write_digits_det(workdir / "coco", train_images=8, val_images=4)
+    layout = coco_layout(root)
+    broken = sorted(os.listdir(layout.train_images))[3]
+    (layout.train_images / broken).write_bytes(b"not an image")
+    space = parse_space({"name": "one", "recipe": "scratch-det-digits", "params": {"optim.lr": {"choice": [0.01]}}}, "test")
+    overrides = {**TINY, "data.name": str(root), "data.max_images": None, "runtime.workers": 2, "schedule.iterations": 8, "schedule.steps": [6]}
+    spec = SweepSpec(space=space, name="det-broken", overrides=overrides, trials=1, searcher="random", scheduler="fifo",
+                     storage=str(workdir / "runs"), seed=0)
+    state = run_sweep(plan_sweep(spec), out=io.StringIO())
+    (trial,) = state["trials"].values()
+    assert trial["status"] == "ERROR", trial
+    assert f"cannot read image {str(layout.train_images / broken)!r}" in trial["error"] and "(worker " in trial["error"], trial["error"]
