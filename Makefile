@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-det demo-bit study-rsb test test-fast bench clean
+.PHONY: install demo demo-det demo-bit study-rsb test test-fast test-gpu bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ study-rsb: install
 test: install
 	$(BIN)/python -m pytest -q --durations=15 -m "not cluster"
 	$(BIN)/python -m pytest -q --durations=5 -m cluster
+
+# Where CUDA GPUs are: bf16 autocast, channels_last, torch.compile, 2-GPU DDP and SyncBN (skipped without GPUs).
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
