@@ -235,9 +235,11 @@ class ClassificationData(DataConfig):
         1.25, ge=1.0, le=4.0, description="crop=bit: train images are squashed to round(train_size x precrop) square before "
         "the random crop (BiT: 160/128 = 1.25, 448/384 = 1.1667)",
     )
-    crop_pct: float = Field(0.95, gt=0.0, le=1.0, description="test crop ratio (crop=timm)")
+    crop_pct: Optional[float] = Field(None, gt=0.0, le=1.0, description="test crop ratio (crop=timm); null: the model's pretrained config (timm)")
     scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range (crop=timm)")
-    interpolation: Literal["bicubic", "bilinear", "nearest", "random"] = "bicubic"
+    interpolation: Optional[Literal["bicubic", "bilinear", "nearest", "random"]] = Field(
+        None, description="resize interpolation; null: the model's pretrained config (timm)",
+    )
     mean: Optional[tuple[float, float, float]] = Field(None, description="input normalization; null: the model's pretrained config (timm)")
     std: Optional[tuple[float, float, float]] = Field(None, description="input normalization; null: the model's pretrained config (timm)")
     rand_augment: Optional[str] = Field(None, description="timm RandAugment string, e.g. rand-m7-mstd0.5-inc1")

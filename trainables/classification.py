@@ -156,23 +156,23 @@ def build_loss(recipe: Recipe, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def normalization(recipe: Recipe) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std: the recipe's, else the model's pretrained config (timm's; BiT weights expect [-1, 1])."""
+def data_config(recipe: Recipe) -> dict[str, Any]:
+    """Mean, std, interpolation and test crop: the recipe's, else the model's pretrained config (timm's;
+    BiT weights expect inputs in [-1, 1], timm's ResNets ImageNet's mean and std)."""
     data = recipe.data
-    if data.mean is not None and data.std is not None:
-        return data.mean, data.std
     pretrained = get_pretrained_cfg(recipe.model.name, allow_unregistered=True)
-    config = resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained is not None else None)
-    return data.mean or config["mean"], data.std or config["std"]
+    model = resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained is not None else None)
+    chosen = {"mean": data.mean, "std": data.std, "interpolation": data.interpolation, "crop_pct": data.crop_pct}
+    return {key: model[key] if value is None else value for key, value in chosen.items()}
 
 
-def _bit_transforms(recipe: Recipe, mean, std):
+def _bit_transforms(recipe: Recipe, config: dict[str, Any]):
     """BiT's own: train squashed to (train_size x precrop) squared, a random train_size crop, a flip; test squashed to test_size."""
     from torchvision import transforms as T
 
     data = recipe.data
-    mode = T.InterpolationMode.BICUBIC if data.interpolation == "random" else T.InterpolationMode(data.interpolation)
-    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    mode = T.InterpolationMode.BICUBIC if config["interpolation"] == "random" else T.InterpolationMode(config["interpolation"])
+    finish = [T.ToTensor(), T.Normalize(config["mean"], config["std"])]
     squash = round(data.train_size * data.precrop)
     train = T.Compose([T.Resize((squash, squash), mode), T.RandomCrop(data.train_size), T.RandomHorizontalFlip(data.hflip), *finish])
     evaluation = T.Compose([T.Resize((data.test_size, data.test_size), mode), *finish])
@@ -181,11 +181,13 @@ def _bit_transforms(recipe: Recipe, mean, std):
 
 def build_transforms(recipe: Recipe):
     """Train and eval transforms: timm's (random resized crop, flip, RandAugment, erasing; resize + center
-    crop) or BiT's (``data.crop``), normalized as the recipe or the model's pretrained config says."""
+    crop) or BiT's (``data.crop``); normalization, interpolation and test crop as the recipe or, where it
+    sets none, the model's pretrained config says."""
     data = recipe.data
-    mean, std = normalization(recipe)
+    config = data_config(recipe)
     if data.crop == "bit":
-        return _bit_transforms(recipe, mean, std)
+        return _bit_transforms(recipe, config)
+    interpolation = config["interpolation"]
     train = create_transform(
         input_size=data.train_size,
         is_training=True,
@@ -193,18 +195,18 @@ def build_transforms(recipe: Recipe):
         hflip=data.hflip,
         color_jitter=data.color_jitter,
         auto_augment=data.rand_augment,
-        interpolation=data.interpolation,
+        interpolation=interpolation,
         re_prob=data.random_erasing,
-        mean=mean,
-        std=std,
+        mean=config["mean"],
+        std=config["std"],
     )
     evaluation = create_transform(
         input_size=data.test_size,
         is_training=False,
-        interpolation="bicubic" if data.interpolation == "random" else data.interpolation,
-        crop_pct=data.crop_pct,
-        mean=mean,
-        std=std,
+        interpolation="bicubic" if interpolation == "random" else interpolation,
+        crop_pct=config["crop_pct"],
+        mean=config["mean"],
+        std=config["std"],
     )
     return train, evaluation
 

@@ -181,14 +181,21 @@ def test_load_bit_npz_needs_a_resnetv2(tmp_path):
         load_bit_npz(timm.create_model("test_resnet"), tmp_path / "x.npz")
 
 
-def test_bit_inputs_are_in_minus_one_to_one_and_resnet_inputs_are_imagenet_normalized():
-    """Mean and std follow the model's pretrained config when the recipe sets none (BiT weights expect [-1, 1])."""
+def test_data_preparation_follows_the_model_where_the_recipe_sets_nothing():
+    """Mean, std, interpolation and test crop from the model's pretrained config (BiT weights expect [-1, 1])."""
     from spaces import resolve_recipe
-    from trainables.classification import normalization
+    from trainables.classification import data_config
 
-    assert normalization(resolve_recipe("bit-hyperrule", {})) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert normalization(resolve_recipe("rsb-a3", {})) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert normalization(resolve_recipe("bit-hyperrule", {"data.mean": [0.1, 0.2, 0.3], "data.std": [1, 1, 1]})) == ((0.1, 0.2, 0.3), (1, 1, 1))
+    bit = data_config(resolve_recipe("bit-hyperrule", {}))
+    assert (bit["mean"], bit["std"], bit["interpolation"]) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    # ResNet-50: ImageNet's mean and std; the A1-A3 presets set bicubic and 0.95 themselves, which timm's agree with.
+    assert data_config(resolve_recipe("rsb-a3", {})) == {
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic", "crop_pct": 0.95}
+    # Unset in a recipe: the model's. Set: the recipe's.
+    unset = resolve_recipe("bit-hyperrule", {"data.interpolation": None, "data.crop_pct": None})
+    assert (data_config(unset)["interpolation"], data_config(unset)["crop_pct"]) == ("bicubic", 0.875)  # resnetv2_50x1_bit's
+    mine = data_config(resolve_recipe("bit-hyperrule", {"data.mean": [0.1, 0.2, 0.3], "data.std": [1, 1, 1], "data.crop_pct": 0.9}))
+    assert (mine["mean"], mine["std"], mine["crop_pct"]) == ((0.1, 0.2, 0.3), (1, 1, 1), 0.9)
 
 
 def test_bit_crop_squashes_a_non_square_image_then_crops_and_tests_on_the_whole_squashed_image():
