@@ -290,15 +290,27 @@ def needs_upstream(space: Space, recipe: Recipe) -> bool:
     return recipe.task == "detection" and recipe.data.name == "digits-det" and PRETRAINED in inits and not recipe.model.pretrained
 
 
-def _checked_checkpoints(space: Space, recipe: Recipe, storage: str) -> dict[str, str]:
-    """model.init / model.pretrained as absolute checkpoint paths (``run:NAME`` resolved); init=pretrained needs model.pretrained."""
-    fixed: dict[str, str] = {}
+def _checked_checkpoints(space: Space, recipe: Recipe, storage: str, given: Any = None) -> dict[str, Any]:
+    """model.init / model.pretrained as absolute checkpoint paths (``run:NAME`` resolved); init=pretrained needs
+    model.pretrained. ``given``: the overrides' model.pretrained; a map of norms to checkpoints stays a map
+    (the recipe holds the base norm's), each path checked."""
+    fixed: dict[str, Any] = {}
     for key in ("model.init", "model.pretrained"):
         _, field_name = key.split(".")
         value = getattr(recipe.model, field_name)
         if isinstance(value, str) and value.startswith(RUN_PREFIX):
             fixed[key] = resolve_run(value, storage)
             setattr(recipe.model, field_name, fixed[key])
+    if isinstance(given, dict):
+        by_norm = {}
+        for norm, path in given.items():
+            path = resolve_run(path, storage) if isinstance(path, str) and path.startswith(RUN_PREFIX) else path
+            if not is_uri(path) and not os.path.exists(path):
+                raise SweepError(f"model.pretrained of norm {norm}: checkpoint {path!r} does not exist")
+            _check_checkpoint_file(f"model.pretrained of norm {norm}", path)
+            by_norm[norm] = path if is_uri(path) else os.path.abspath(path)
+        fixed["model.pretrained"] = by_norm
+        recipe.model.pretrained = by_norm["gn" if recipe.model.norm == "gn" else "bn"]
     inits = {recipe.model.init}
     if "model.init" in space.params:
         inits |= set(space.params["model.init"].edge_values())
@@ -471,7 +483,7 @@ def plan_sweep(spec: SweepSpec, resume: bool = False) -> SweepPlan:
     if data_root:
         # Workers may run on other nodes: they need the same path there (shared storage).
         recipe.data.name = overrides["data.name"] = data_root
-    overrides.update(_checked_checkpoints(space, recipe, spec.storage))
+    overrides.update(_checked_checkpoints(space, recipe, spec.storage, spec.overrides.get("model.pretrained")))
     name, store, sweep_dir = _sweep_dir(spec, space, resume)
     if resume:
         _check_resumable(Path(sweep_dir))

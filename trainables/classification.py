@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 import timm
 import timm.layers
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
@@ -161,7 +161,10 @@ def data_config(recipe: Recipe) -> dict[str, Any]:
     BiT weights expect inputs in [-1, 1], timm's ResNets ImageNet's mean and std)."""
     data = recipe.data
     pretrained = get_pretrained_cfg(recipe.model.name, allow_unregistered=True)
-    model = resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained is not None else None)
+    if pretrained is not None:
+        model = resolve_data_config(pretrained_cfg=pretrained.to_dict())
+    else:  # a model registered without a pretrained config: timm's defaults
+        model = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bicubic", "crop_pct": DEFAULT_CROP_PCT}
     chosen = {"mean": data.mean, "std": data.std, "interpolation": data.interpolation, "crop_pct": data.crop_pct}
     return {key: model[key] if value is None else value for key, value in chosen.items()}
 

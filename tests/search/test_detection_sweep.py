@@ -127,6 +127,13 @@ def test_a_det_sweep_gets_an_upstream_backbone_per_norm_and_each_trial_loads_its
         assert recipe.model.pretrained == checkpoint
     with pytest.raises(Exception, match="none for model.norm=bn"):
         resolve_recipe("scratch-det-digits", {"model.norm": "bn", "model.pretrained": {"gn": "/upstream-gn"}})
+    # Planned again (resume, confirm: the map comes back from sweep.json), the map stays a map, each path checked.
+    for norm in ("gn", "bn"):
+        torch.save({"model": {}}, workdir / f"{norm}.pt")
+    again = plan_sweep(SweepSpec(space=load_space("det"), trials=2, storage=str(workdir / "runs"),
+                                 overrides={"model.pretrained": {"gn": "gn.pt", "bn": "bn.pt"}}))
+    assert again.overrides["model.pretrained"] == {"gn": str(workdir / "gn.pt"), "bn": str(workdir / "bn.pt")}
+    assert resolve_recipe(again.base, {"model.norm": "bn", "model.init": "pretrained"}, again.overrides).model.pretrained == str(workdir / "bn.pt")
 
 
 @pytest.mark.slow
