@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from spaces import DataError, Recipe, Space, SweepError, check_keys, load_space
 from spaces.hyperrule import hyperrule, hyperrule_keys
-from spaces.recipe import PRETRAINED
+from spaces.recipe import PRETRAINED, norm_family
 from spaces.errors import short
 from spaces.space import DEFAULT_METRICS
 from trainables.report import Unit
@@ -310,7 +310,7 @@ def _checked_checkpoints(space: Space, recipe: Recipe, storage: str, given: Any 
             _check_checkpoint_file(f"model.pretrained of norm {norm}", path)
             by_norm[norm] = path if is_uri(path) else os.path.abspath(path)
         fixed["model.pretrained"] = by_norm
-        recipe.model.pretrained = by_norm["gn" if recipe.model.norm == "gn" else "bn"]
+        recipe.model.pretrained = by_norm[norm_family(recipe.model.norm)]
     inits = {recipe.model.init}
     if "model.init" in space.params:
         inits |= set(space.params["model.init"].edge_values())

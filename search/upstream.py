@@ -12,6 +12,7 @@ import sys
 from typing import Any, Optional
 
 from spaces import Recipe, Space, SweepError
+from spaces.recipe import norm_family
 
 from search.layout import SPEC_FILE, best_checkpoint, pull_sweep, read_state
 from search.plan import UPSTREAM_RECIPE, SweepPlan, SweepSpec, load_sweep_spec, needs_upstream, plan_sweep
@@ -19,10 +20,6 @@ from search.storage import Storage, display
 from search.sweep import hold_lease, run_sweep
 
 __all__ = ["run_with_upstream", "upstream_checkpoint"]
-
-
-def _upstream_norm(norm: str) -> str:
-    return "gn" if norm == "gn" else "bn"  # a BN classifier serves bn, syncbn and frozen_bn detectors
 
 
 def run_with_upstream(plan: SweepPlan, out=None, resume: bool = False) -> dict[str, Any]:
@@ -34,10 +31,10 @@ def run_with_upstream(plan: SweepPlan, out=None, resume: bool = False) -> dict[s
             norms |= set(plan.space.params["model.norm"].edge_values())
         checkpoints = {
             family: upstream_checkpoint(plan.recipe, family, plan.storage_root, plan.tracking_uri, plan.spec.address, out)
-            for family in sorted({_upstream_norm(n) for n in norms})
+            for family in sorted({norm_family(n) for n in norms})
         }
         plan.overrides["model.pretrained"] = checkpoints if len(checkpoints) > 1 else next(iter(checkpoints.values()))
-        plan.recipe.model.pretrained = checkpoints[_upstream_norm(plan.recipe.model.norm)]
+        plan.recipe.model.pretrained = checkpoints[norm_family(plan.recipe.model.norm)]
     return run_sweep(plan, out=out, resume=resume)
 
 

@@ -140,6 +140,11 @@ PRETRAINED = "pretrained"
 Norm = Literal["bn", "gn", "syncbn", "frozen_bn"]
 
 
+def norm_family(norm: str) -> str:
+    """The pretrained backbone a norm loads: a GN one for gn, a BN one for bn, syncbn and frozen_bn."""
+    return "gn" if norm == "gn" else "bn"
+
+
 class ModelConfig(_Section):
     """What every task's model takes: name, normalization, initialization."""
 
@@ -157,7 +162,7 @@ class ModelConfig(_Section):
         if isinstance(data, dict) and isinstance(data.get("pretrained"), dict):
             by_norm = data["pretrained"]
             norm = data.get("norm", cls.model_fields["norm"].default)
-            family = "gn" if norm == "gn" else "bn"
+            family = norm_family(norm)
             if family not in by_norm:
                 raise ValueError(f"model.pretrained has checkpoints for {', '.join(sorted(by_norm))}, none for model.norm={norm}")
             data = {**data, "pretrained": by_norm[family]}
