@@ -620,10 +620,20 @@ def dashboard(
     url = load_sweep_spec(sweep_dir).optuna_storage
     if not url:
         _fail(f"sweep {sweep_dir!r} has no Optuna study (it ran without a searcher, or before studies were stored)")
-    from optuna_dashboard import run_server
+    import threading
+    from wsgiref.simple_server import make_server
 
+    from optuna_dashboard import wsgi
+
+    server = make_server("127.0.0.1", port, wsgi(url))
     print(f"optuna-dashboard for {url} (study {os.path.basename(sweep_dir)}) on http://127.0.0.1:{port}", flush=True)
-    run_server(url, host="127.0.0.1", port=port)
+    # Served from a thread: Ctrl-C and SIGTERM land in this one, and stop it. In the serving thread, wsgiref
+    # answers an interrupt that arrives during a request with a 500 and serves on.
+    threading.Thread(target=server.serve_forever, name="optuna-dashboard", daemon=True).start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("optuna-dashboard stopped", flush=True)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
