@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Optional
 
 from mlflow.exceptions import MlflowException
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.experiment import Trial
@@ -30,7 +30,7 @@ from ray.tune.result import TIME_TOTAL_S
 
 from spaces import Recipe, SweepError, flatten, recipe_to_yaml
 from spaces.errors import short
-from trainables.report import TrialReport
+from trainables.report import TrialReport, Unit
 
 from search.layout import DISK_FULL, RUNS_FILE, read_run_map, write_json
 
@@ -160,52 +160,68 @@ _REFUSED = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
 
 
 class MlflowWriter:
-    """MLflow writes off Tune's control loop: a thread that makes them in the order they were queued,
-    each run's metrics batched into few ``log_batch`` calls, and retries what fails (a tracking server
-    down for a while) until it lands, so nothing queued is lost while the sweep goes on. ``written``
-    is called in the thread after each batch that landed, with the ``(trial_id, step)`` of its metrics."""
+    """MLflow writes off Tune's control loop: a thread that makes them in the order they were queued for
+    each run, each run's metrics batched into few ``log_batch`` calls, and retries what fails (a tracking
+    server down for a while) until it lands, so nothing queued is lost while the sweep goes on. ``written``
+    is called in the thread after each batch that landed, with the ``(trial_id, step)`` of its metrics.
+
+    A pass over the queue starts at most every ``PASS_S`` (sooner when someone waits in ``flush``): results
+    pile up meanwhile, and a run's results of the whole pass go in one call. With 20 trials reporting side by
+    side, a pass per result would make a ``log_batch`` call (a store transaction) per result."""
 
     RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+    PASS_S = 2.0  # how late a result may reach MLflow; a resume re-logs from Tune's records what a killed driver had queued
 
     def __init__(self, client: MlflowClient, written: Callable[[list[tuple[str, int]]], None]) -> None:
         self.client = client
         self.written = written
         self.queue: list[tuple] = []
         self.busy = False
+        self.waiting = 0  # callers in flush: the next pass starts now
         self.failing = 0  # consecutive failed attempts (0: the store answers)
         self.condition = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="recipe-search-mlflow", daemon=True)
         self.thread.start()
 
     def metrics(self, trial_id: str, run_id: str, step: int, metrics: list[Metric]) -> None:
-        self._put(("metrics", trial_id, run_id, step, metrics))
+        self._put(("metrics", run_id, trial_id, step, metrics))
 
-    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Any other client call, in order after what was queued before it."""
-        self._put(("call", function, args, kwargs))
+    def call(self, function: Callable[..., Any], run_id: str, *args: Any, **kwargs: Any) -> None:
+        """``function(run_id, *args, **kwargs)``, after what was queued before it for that run."""
+        self._put(("call", run_id, function, (run_id, *args), kwargs))
 
     def _put(self, item: tuple) -> None:
         with self.condition:
             self.queue.append(item)
-            self.condition.notify_all()
+            if len(self.queue) == 1:  # the thread waits for a first item; later ones it takes at its next pass
+                self.condition.notify_all()
 
     def flush(self, timeout: Optional[float] = None) -> int:
         """Wait until everything queued has landed (or ``timeout``); the number of writes still pending."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.condition:
-            while self.queue or self.busy:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self.condition.wait(left)
-            return len(self.queue) + self.busy
+            self.waiting += 1
+            self.condition.notify_all()
+            try:
+                while self.queue or self.busy:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self.condition.wait(left)
+                return len(self.queue) + self.busy
+            finally:
+                self.waiting -= 1
 
     def _run(self) -> None:
+        last = 0.0
         while True:
             with self.condition:
                 while not self.queue:
                     self.condition.wait()
+                while not self.waiting and (left := last + self.PASS_S - time.monotonic()) > 0:
+                    self.condition.wait(left)
                 items, self.queue, self.busy = self.queue, [], True
+            last = time.monotonic()
             while items:
                 try:
                     written = self._write(items)
@@ -222,10 +238,10 @@ class MlflowWriter:
 
     def _write(self, items: list[tuple]) -> set[int]:
         """Make the first write of ``items``: a call, or the metrics of the first item's run from every item
-        queued before the next call (interleaved trials: one ``log_batch`` per run, not per result), up to
-        MLflow's batch limit; the indices of the items it covered."""
+        of that run queued before its next call (other runs' items are passed over: the order that matters is
+        each run's own), up to MLflow's batch limit; the indices of the items it covered."""
         if items[0][0] == "call":
-            _, function, args, kwargs = items[0]
+            _, _, function, args, kwargs = items[0]
             try:
                 function(*args, **kwargs)
             except MlflowException as err:
@@ -235,14 +251,15 @@ class MlflowWriter:
                 # be refused forever and hold back everything queued after it.
                 logger.warning("MLflow refused a write, which is dropped: %s", str(err).splitlines()[0][:300])
             return {0}
-        run_id, batch, steps, covered = items[0][2], [], [], set()
+        run_id, batch, steps, covered = items[0][1], [], [], set()
         for i, item in enumerate(items):
+            if item[1] != run_id:
+                continue
             if item[0] == "call" or (steps and len(batch) + len(item[4]) > _METRICS_BATCH):
-                break  # a call (a run's end, its params) keeps its place after the metrics queued before it
-            if item[2] == run_id:
-                batch.extend(item[4])
-                steps.append((item[1], item[3]))
-                covered.add(i)
+                break  # a call (the run's end, its tags) keeps its place after the run's metrics queued before it
+            batch.extend(item[4])
+            steps.append((item[2], item[3]))
+            covered.add(i)
         try:
             for start in range(0, len(batch), _METRICS_BATCH):
                 self.client.log_batch(run_id, metrics=batch[start : start + _METRICS_BATCH])
@@ -326,6 +343,7 @@ class MlflowTracking(Callback):
         self.devices: dict[str, float] = {}
         self.queued_steps: dict[str, int] = {}  # the last step of each trial handed to the writer
         self.lock = threading.Lock()  # the run map, written by Tune's loop and by the writer's thread
+        self.map_saved_at = 0.0
         self._writer: Optional[MlflowWriter] = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -344,18 +362,24 @@ class MlflowTracking(Callback):
             self._writer = MlflowWriter(self.client, self._written)
         return self._writer
 
+    SAVE_MAP_EVERY_S = 1.0
+
     def _written(self, steps: list[tuple[str, int]]) -> None:
-        """In the writer's thread: metrics landed up to these steps; the map says so (a resume logs no step twice)."""
+        """In the writer's thread: metrics landed up to these steps. The map says so at most once a second (it
+        names every trial: rewritten per batch it costs the driver O(trials) per result); a resume takes the
+        steps that landed from the runs themselves, so a map a second behind logs no step twice."""
         with self.lock:
             for trial_id, step in steps:
                 self.last_steps[trial_id] = max(step, self.last_steps.get(trial_id, 0))
-        self._save_map()
+        if time.monotonic() - self.map_saved_at >= self.SAVE_MAP_EVERY_S:
+            self._save_map()
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait for the queued MLflow writes; past ``timeout``, say how many could not be made."""
         if self._writer is None:
             return
         pending = self._writer.flush(timeout)
+        self._save_map()
         if pending:
             logger.warning("%d MLflow writes could not be made in %.0f s (the tracking store does not answer)", pending, timeout or 0)
 
@@ -366,6 +390,7 @@ class MlflowTracking(Callback):
 
     def _save_map(self) -> None:
         with self.lock:  # one writer of the file at a time, from a consistent copy
+            self.map_saved_at = time.monotonic()
             write_json(self._runs_path, {
                 "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id, "trials": dict(self.run_ids),
                 "last_steps": dict(self.last_steps), "best_values": dict(self.best_values),
@@ -431,17 +456,35 @@ class MlflowTracking(Callback):
                 continue  # the parent, or a run of the other phase
             if trial_id not in known or self.run_ids.setdefault(trial_id, run.info.run_id) != run.info.run_id:
                 self.client.delete_run(run.info.run_id)
+                continue
+            self._landed(trial_id, run.data.metrics)
         for trial_id in [t for t in self.run_ids if t not in known]:
             self.run_ids.pop(trial_id)
             self.last_steps.pop(trial_id, None)
             self.best_values.pop(trial_id, None)
         self._save_map()
         # Results Tune recorded (its result.json) that never reached MLflow: the driver was killed before its
-        # writer landed them, and the trial goes on from a later checkpoint. Logged now, in order.
+        # writer landed them, and the trial goes on from a later checkpoint. Logged now, in order; and the end of
+        # a trial that ended before the kill, which its run never got (still RUNNING).
+        still_open = {run.info.run_id for run in runs if run.info.status == "RUNNING"}
         for trial in trials:
             if trial.trial_id in self.run_ids:
                 for result in _recorded_results(trial):
                     self.on_trial_result(0, trials, trial, result)
+                if self.run_ids[trial.trial_id] in still_open and trial.status == Trial.TERMINATED:
+                    self.on_trial_complete(0, trials, trial)
+                elif self.run_ids[trial.trial_id] in still_open and trial.status == Trial.ERROR:
+                    self._finish(trial, "FAILED", "failed", **{TAG_ERROR: error_line(trial)})
+
+    def _landed(self, trial_id: str, logged: dict[str, float]) -> None:
+        """What reached a trial's run before a resume (its latest values): the last step (the progress
+        metric's value is its step) and the best value, which the map, saved at most once a second, may miss."""
+        step = logged.get(Unit.EPOCH.value, logged.get(Unit.ITERATION.value))
+        if step is not None:
+            self.last_steps[trial_id] = max(int(step), self.last_steps.get(trial_id, 0))
+        value, best = logged.get(f"best/{self.metric}"), self.best_values.get(trial_id)
+        if value is not None and (best is None or (value > best if self.mode == "max" else value < best)):
+            self.best_values[trial_id] = value
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if trial.trial_id in self.run_ids:
@@ -463,7 +506,7 @@ class MlflowTracking(Callback):
         # The run's params, recipe file and dataset input go through the writer: off Tune's loop (about 0.17 s
         # of the 0.27 s a trial start cost in SQLite), in order before the run's first metrics.
         self.writer.call(self._log_params, run_id, flatten(recipe.model_dump(mode="json")))  # repr of floats: the searched values exactly
-        self.writer.call(self._log_text, run_id, "recipe.yaml", recipe_to_yaml(recipe))
+        self.writer.call(self._log_recipe, run_id, recipe)
         data = recipe.data  # what selects the samples, not how they are augmented
         key = (recipe.task, data.name, data.fraction, getattr(data, "max_images", None), str(getattr(data, "classes", None)),
                getattr(data, "shots_per_class", None), recipe.runtime.seed)
@@ -471,6 +514,9 @@ class MlflowTracking(Callback):
             self.datasets[key] = _dataset_input(recipe)
         if self.datasets[key] is not None:
             self.writer.call(self._log_dataset, run_id, self.datasets[key])
+
+    def _log_recipe(self, run_id: str, recipe: Recipe) -> None:
+        self._log_text(run_id, "recipe.yaml", recipe_to_yaml(recipe))  # YAML's pure-Python emitter: in the writer's thread
 
     def _log_dataset(self, run_id: str, dataset) -> None:
         try:
@@ -508,10 +554,11 @@ class MlflowTracking(Callback):
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        self.writer.call(self.client.set_tag, run_id, TAG_OUTCOME, outcome)  # after the run's last metrics
-        for key, value in tags.items():
-            self.writer.call(self.client.set_tag, run_id, key, value[:5000])
-        self.writer.call(self.client.set_terminated, run_id, status=status)
+        self.writer.call(self._end_run, run_id, status, {TAG_OUTCOME: outcome, **{k: v[:5000] for k, v in tags.items()}})  # after its last metrics
+
+    def _end_run(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         report = TrialReport.from_result(trial.last_result)
