@@ -629,11 +629,23 @@ def dashboard(
     print(f"optuna-dashboard for {url} (study {os.path.basename(sweep_dir)}) on http://127.0.0.1:{port}", flush=True)
     # Served from a thread: Ctrl-C and SIGTERM land in this one, and stop it. In the serving thread, wsgiref
     # answers an interrupt that arrives during a request with a 500 and serves on.
-    threading.Thread(target=server.serve_forever, name="optuna-dashboard", daemon=True).start()
+    stopped = threading.Event()
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        finally:
+            stopped.set()
+
+    threading.Thread(target=serve, name="optuna-dashboard", daemon=True).start()
     try:
-        threading.Event().wait()
+        stopped.wait()
     except KeyboardInterrupt:
+        closing = threading.Thread(target=server.shutdown, daemon=True)  # waits for the request in progress
+        closing.start()
+        closing.join(5)
         print("optuna-dashboard stopped", flush=True)
+    server.server_close()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

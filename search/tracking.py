@@ -222,19 +222,22 @@ class MlflowWriter:
                     self.condition.wait(left)
                 items, self.queue, self.busy = self.queue, [], True
             last = time.monotonic()
-            while items:
-                try:
-                    written = self._write(items)
-                    items = [item for i, item in enumerate(items) if i not in written]
-                    self.failing = 0
-                except Exception as err:  # noqa: BLE001 - any store error: wait, then the same writes again
-                    self.failing += 1
-                    wait = self.RETRY_S[min(self.failing, len(self.RETRY_S)) - 1]
-                    logger.warning("MLflow write failed (%s); retrying in %.0f s, %d writes kept", str(err).splitlines()[0][:200], wait, len(items))
-                    time.sleep(wait)
-            with self.condition:
-                self.busy = False
-                self.condition.notify_all()
+            try:
+                while items:
+                    try:
+                        written = self._write(items)
+                        items = [item for i, item in enumerate(items) if i not in written]
+                        self.failing = 0
+                    except Exception as err:  # noqa: BLE001 - any store error: wait, then the same writes again
+                        self.failing += 1
+                        wait = self.RETRY_S[min(self.failing, len(self.RETRY_S)) - 1]
+                        first = (str(err).splitlines() or [type(err).__name__])[0]  # TimeoutError() has no message
+                        logger.warning("MLflow write failed (%s); retrying in %.0f s, %d writes kept", first[:200], wait, len(items))
+                        time.sleep(wait)
+            finally:
+                with self.condition:
+                    self.busy = False
+                    self.condition.notify_all()
 
     def _write(self, items: list[tuple]) -> set[int]:
         """Make the first write of ``items``: a call, or the metrics of the first item's run from every item
@@ -372,7 +375,10 @@ class MlflowTracking(Callback):
             for trial_id, step in steps:
                 self.last_steps[trial_id] = max(step, self.last_steps.get(trial_id, 0))
         if time.monotonic() - self.map_saved_at >= self.SAVE_MAP_EVERY_S:
-            self._save_map()
+            try:
+                self._save_map()
+            except OSError as err:  # a full disk: the writes landed, and are not made again; the next save may work
+                logger.warning("could not save the MLflow run map: %s", err)
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait for the queued MLflow writes; past ``timeout``, say how many could not be made."""
@@ -478,12 +484,16 @@ class MlflowTracking(Callback):
 
     def _landed(self, trial_id: str, logged: dict[str, float]) -> None:
         """What reached a trial's run before a resume (its latest values): the last step (the progress
-        metric's value is its step) and the best value, which the map, saved at most once a second, may miss."""
+        metric's value is its step) and the best value, which the map, saved at most once a second, may not know."""
         step = logged.get(Unit.EPOCH.value, logged.get(Unit.ITERATION.value))
         if step is not None:
             self.last_steps[trial_id] = max(int(step), self.last_steps.get(trial_id, 0))
-        value, best = logged.get(f"best/{self.metric}"), self.best_values.get(trial_id)
-        if value is not None and (best is None or (value > best if self.mode == "max" else value < best)):
+        # The runs' value, not the map's: the map may hold a best whose result was queued, never landed, and is
+        # logged again now (it would not beat itself, and the run would never get it).
+        value = logged.get(f"best/{self.metric}")
+        if value is None:
+            self.best_values.pop(trial_id, None)
+        else:
             self.best_values[trial_id] = value
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -557,7 +567,12 @@ class MlflowTracking(Callback):
         self.writer.call(self._end_run, run_id, status, {TAG_OUTCOME: outcome, **{k: v[:5000] for k, v in tags.items()}})  # after its last metrics
 
     def _end_run(self, run_id: str, status: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        try:
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except MlflowException as err:
+            if err.error_code not in _REFUSED:
+                raise
+            logger.warning("MLflow refused the end tags of run %s: %s", run_id, str(err).splitlines()[0][:300])  # the run still ends
         self.client.set_terminated(run_id, status=status)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:

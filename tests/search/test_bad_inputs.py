@@ -540,7 +540,7 @@ def no_launch(monkeypatch):
     monkeypatch.setattr(cli, "_confirm", never)
     monkeypatch.setattr(ray, "init", never)
     monkeypatch.setattr(os, "execvp", never)  # ui
-    monkeypatch.setitem(sys.modules, "optuna_dashboard", types.SimpleNamespace(run_server=never))
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", types.SimpleNamespace(wsgi=never))
 
 
 def _tree(root: Path) -> dict[str, Any]:
